@@ -1,0 +1,93 @@
+"""`python -m montessori STAGE --settings JSON --key value ...`: the one entry point rules call.
+
+A stage is a function `fn(settings: dict, **kwargs)`. `--key value` becomes `key=value` (dashes
+to underscores); a value that parses as a JSON number, bool or null becomes that; a key given
+several values, or any key ending in `_paths`, becomes a list.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+import time
+
+from .errors import MontessoriError
+
+STAGES = {
+    "prepare_model": "montessori.models:prepare_model_stage",
+    "seed_pool": "montessori.data:build_seed_pool",
+    "synth_instructions": "montessori.synthesis:synthesize_instructions",
+    "merge_instructions": "montessori.synthesis:merge_instructions",
+    "synth_responses": "montessori.synthesis:synthesize_responses",
+    "merge_responses": "montessori.synthesis:merge_responses",
+    "split_probes": "montessori.synthesis:split_probes",
+    "warmup": "montessori.training:warmup",
+    "influence": "montessori.influence:score_shard",
+    "merge_influence": "montessori.influence:merge_influence",
+    "preference_pairs": "montessori.pairs:build_pairs",
+    "dpo_teacher": "montessori.training:train_dpo",
+    "sft_student": "montessori.training:train_sft",
+    "eval_alpaca_generate": "montessori.evaluation.alpaca_eval:generate_outputs",
+    "eval_alpaca_judge": "montessori.evaluation.alpaca_eval:judge_outputs",
+    "eval_mt_bench_generate": "montessori.evaluation.mt_bench:generate_answers",
+    "eval_mt_bench_judge": "montessori.evaluation.mt_bench:judge_answers",
+    "eval_lm_eval": "montessori.evaluation.lm_eval:run_lm_eval",
+    "report": "montessori.report:build_report",
+}
+
+
+def _value(text: str):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, (int, float, bool)) or value is None else text
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in STAGES:
+        stages = "\n  ".join(STAGES)
+        raise SystemExit(f"usage: python -m montessori STAGE --settings JSON [--key value ...]\nstages:\n  {stages}")
+    stage, rest = argv[0], argv[1:]
+    kwargs: dict[str, list] = {}
+    key = None
+    for token in rest:
+        if token.startswith("--"):
+            key = token[2:].replace("-", "_")
+            kwargs.setdefault(key, [])
+        elif key is None:
+            raise SystemExit(f"unexpected argument {token!r}: values follow a --key")
+        else:
+            kwargs[key].append(token)
+    settings = json.loads(kwargs.pop("settings", ["{}"])[0])
+    parsed = {}
+    for key, values in kwargs.items():
+        if key.endswith("_paths") or len(values) > 1:
+            parsed[key] = [_value(v) for v in values]
+        elif values:
+            parsed[key] = _value(values[0])
+        else:
+            parsed[key] = True
+    return stage, settings, parsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    stage, settings, kwargs = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format=f"%(asctime)s [{stage}] %(levelname)s %(name)s: %(message)s",
+    )
+    module_name, func_name = STAGES[stage].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    started = time.time()
+    logging.getLogger("montessori").info("stage %s starting with %s", stage, kwargs)
+    try:
+        func(settings, **kwargs)
+    except MontessoriError as err:
+        logging.getLogger("montessori").error("%s", err)
+        print(f"error in stage {stage}: {err}", file=sys.stderr)
+        return 2
+    logging.getLogger("montessori").info("stage %s done in %.1f s", stage, time.time() - started)
+    return 0
