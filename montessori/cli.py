@@ -18,6 +18,7 @@ from .errors import MontessoriError
 STAGES = {
     "prepare_model": "montessori.models:prepare_model_stage",
     "seed_pool": "montessori.data:build_seed_pool",
+    "reference_set": "montessori.data:build_reference_set",
     "synth_instructions": "montessori.synthesis:synthesize_instructions",
     "merge_instructions": "montessori.synthesis:merge_instructions",
     "synth_responses": "montessori.synthesis:synthesize_responses",

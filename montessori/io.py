@@ -19,6 +19,12 @@ from .errors import DataError
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Yield one dict per non-blank line; a malformed line is an error naming file and line."""
+    for _, record in iter_jsonl_numbered(path):
+        yield record
+
+
+def iter_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -32,7 +38,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield record
+            yield line_no, record
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -12,6 +12,8 @@ import importlib.metadata
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import ModelError
@@ -57,14 +59,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = gguf_path.stem
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
+    # Teacher and student may convert the same model at once: each writes its own temporary
+    # directory and the first to finish wins.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    try:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        os.replace(tmp_dir, out_dir)
+    except OSError:
+        if not (out_dir / "config.json").exists():
+            raise
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
 
 
 def _hub_offline() -> bool:

@@ -1,0 +1,102 @@
+# Warm-up the student, score every probing pair's local data influence (one job per shard),
+# and merge the shards.
+
+
+rule reference_set:
+    """The reference pairs whose loss defines influence; refused if they overlap an evaluation set."""
+    output:
+        f"{R}/reference.jsonl",
+    params:
+        settings=settings(
+            **config["influence"]["reference"],
+            eval_sources=[config["evaluation"]["alpaca_eval"]["source"]],
+        ),
+    log:
+        f"{LOGS}/reference_set.log",
+    benchmark:
+        f"{BENCH}/reference_set.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        montessori("reference_set") + " --out {output} > {log} 2>&1"
+
+
+rule warmup:
+    """Fine-tune the student on the warm-up set; save fp32 weights and the AdamW state."""
+    input:
+        student=lambda w: student_card("montessori", w.k),
+        data=f"{R}/round{{k}}/probes/warmup.jsonl",
+    output:
+        # The sentinel is the output: Snakemake would wipe a directory() output before a rerun.
+        done=f"{R}/round{{k}}/warmup.done",
+    params:
+        out_dir=f"{R}/round{{k}}/warmup",
+        settings=settings(**config["warmup"], seed=config["seed"], chat_template=config["models"]["chat_template"]),
+    log:
+        f"{LOGS}/round{{k}}/warmup.log",
+    benchmark:
+        f"{BENCH}/round{{k}}/warmup.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda w, attempt: 32000 * attempt,
+        runtime=240,
+        gpu=TRAINING_GPUS,
+    retries: 1
+    shell:
+        training_launcher("warmup")
+        + " --student {input.student} --data {input.data} --out-dir {params.out_dir} --done {output.done}"
+        + " > {log} 2>&1"
+
+
+rule influence:
+    """One shard of the probing set: one AdamW step per pair from the warm-up state."""
+    input:
+        warmup=f"{R}/round{{k}}/warmup.done",
+        probing=f"{R}/round{{k}}/probes/probing.jsonl",
+        reference=f"{R}/reference.jsonl",
+    output:
+        scores=f"{R}/round{{k}}/influence/shard-{{shard}}.jsonl",
+        summary=f"{R}/round{{k}}/influence/shard-{{shard}}.summary.json",
+    params:
+        settings=settings(**config["influence"], seed=config["seed"]),
+    log:
+        f"{LOGS}/round{{k}}/influence.shard-{{shard}}.log",
+    benchmark:
+        f"{BENCH}/round{{k}}/influence.shard-{{shard}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda w, attempt: 32000 * attempt,
+        runtime=480,
+        gpu=GPUS * config["influence"]["gpus_per_shard"],
+    retries: 1
+    shell:
+        montessori("influence")
+        + " --warmup {input.warmup} --probing {input.probing} --reference {input.reference}"
+        + " --out {output.scores} --summary {output.summary} --shard {wildcards.shard} > {log} 2>&1"
+
+
+rule merge_influence:
+    """Every probing id scored exactly once; the influence table, its summary and a histogram."""
+    input:
+        probing=f"{R}/round{{k}}/probes/probing.jsonl",
+        shards=lambda w: expand(f"{R}/round{w.k}/influence/shard-{{shard}}.jsonl", shard=INFLUENCE_SHARDS),
+    output:
+        scores=f"{R}/round{{k}}/influence/influence.jsonl",
+        summary=f"{R}/round{{k}}/influence/summary.json",
+        histogram=report(f"{R}/round{{k}}/influence/histogram.png", category="Influence", labels={"round": "{k}"}),
+    params:
+        settings=settings(**config["influence"]),
+    log:
+        f"{LOGS}/round{{k}}/merge_influence.log",
+    benchmark:
+        f"{BENCH}/round{{k}}/merge_influence.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        montessori("merge_influence")
+        + " --shard-paths {input.shards} --probing {input.probing} --out {output.scores}"
+        + " --summary {output.summary} --histogram {output.histogram} > {log} 2>&1"
