@@ -1,4 +1,4 @@
-"""Seed pool and reference pairs, from a hub dataset name or a local .json/.jsonl/.parquet file."""
+"""Seed pool and reference pairs: a hub dataset name, a remote file URL, or a local .json/.jsonl/.parquet."""
 
 from __future__ import annotations
 
@@ -15,7 +15,12 @@ log = logging.getLogger(__name__)
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
+REMOTE_FILE_PREFIXES = ("hf://", "http://", "https://")
+
+
 def _is_local(source: str) -> bool:
+    if source.startswith(REMOTE_FILE_PREFIXES):
+        return False
     return source.endswith(LOCAL_SUFFIXES) or Path(source).exists() or source.startswith((".", "/", "~"))
 
 
@@ -41,10 +46,15 @@ def _read_local_rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def _read_hub_rows(name: str, split: str) -> list[tuple[str, dict]]:
+    """A hub dataset by name, or one remote JSON/JSONL file (hf://datasets/..., https://...)."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        if name.startswith(REMOTE_FILE_PREFIXES):
+            builder = "parquet" if name.endswith(".parquet") else "json"
+            dataset = datasets.load_dataset(builder, data_files=name, split="train")
+        else:
+            dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the message is what matters
         raise DataError(f"could not load hub dataset '{name}' (split '{split}'): {err}") from None
     return [(f"{name}[{split}] row {n}", row) for n, row in enumerate(dataset, start=1)]
