@@ -136,6 +136,23 @@ class ShardWriter:
         self.close()
 
 
+@contextlib.contextmanager
+def resumable_shard(out) -> Iterator[ShardWriter]:
+    """A ShardWriter on `<out>.partial`, renamed to `out` when the block completes.
+
+    Snakemake deletes a job's declared output before it runs and after it fails; appending to the
+    declared file itself would throw finished records away on every rerun.
+    """
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if out.exists() and not partial.exists():
+        # A finished (or hand-truncated) shard is resumed like a partial one.
+        os.replace(out, partial)
+    with ShardWriter(partial) as writer:
+        yield writer
+    os.replace(partial, out)
+
+
 def shard_slice(items: Sequence, shard: int, n_shards: int) -> list:
     """Contiguous, disjoint, near-equal slices: shard i of n gets items[start_i:end_i]."""
     if not 0 <= shard < n_shards:

@@ -1,0 +1,372 @@
+"""Teacher synthesis stages: instructions, their merge, responses, their merge, warm-up/probing split.
+
+Shards and resume: a shard works through prompt *groups* in batches of `batch_size` groups with
+fixed boundaries (batch k = groups [kB, (k+1)B)), and the sampling seed of a batch is derived from
+(seed, label, shard, k). A group's prompt depends only on its own seeded RNG and on what was kept
+before its batch started. So after a kill, replaying the records already in the shard file
+rebuilds exactly the state the interrupted run had, an unfinished batch is generated again with
+the same prompts and seed, and only the records missing from the file are appended: the result
+is byte-identical to an uninterrupted run, and nothing finished is generated twice (apart from
+the siblings of an unfinished batch, which must be regenerated to continue its RNG stream).
+
+A shard appends to `<out>.partial` and renames it to `out` only when complete: Snakemake deletes a
+job's declared output before it runs and after it fails, which would throw the finished work away.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from .errors import ConfigError, DataError
+from .filters import RougeLIndex, banned_word_pattern, near_duplicate_of_any, surface_rejection
+from .generation import Generator, make_generator
+from .io import iter_jsonl, resumable_shard, merge_shards, read_jsonl, shard_slice, write_json_atomic, write_jsonl_atomic
+from .prompts import ASSISTANT_PREFILL, extract_instruction, instruction_request
+from .seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+# Filter stages in the order they are applied; a candidate's `reason` is the first it fails.
+REJECTION_REASONS = ("no_instruction", "too_short", "too_long", "banned_word", "leading_char", "near_duplicate")
+
+DEFAULT_FILTERS = {
+    "min_chars": 5, "max_chars": 400, "rouge_threshold": 0.7,
+    "banned_words": ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+                     "draw", "plot", "go to"],
+}
+
+GeneratorFactory = Callable[[], Generator]
+
+
+def _required(settings: dict, key: str, config_key: str):
+    if settings.get(key) is None:
+        raise ConfigError(f"config key '{config_key}' is required (missing from the stage settings)")
+    return settings[key]
+
+
+def read_seed_pool(path) -> list[dict]:
+    seeds = []
+    for number, record in enumerate(iter_jsonl(path), start=1):
+        text = record.get("text")
+        if not isinstance(record.get("id"), str) or not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: record {number} needs a string 'id' and a non-empty 'text'")
+        seeds.append(record)
+    return seeds
+
+
+class _ShardState:
+    """What a shard has kept so far, and the yield of each filter."""
+
+    def __init__(self, filters: dict):
+        filters = {**DEFAULT_FILTERS, **(filters or {})}
+        self.min_chars, self.max_chars = int(filters["min_chars"]), int(filters["max_chars"])
+        self.threshold = float(filters["rouge_threshold"])
+        self.banned = banned_word_pattern(list(filters["banned_words"]))
+        self.index = RougeLIndex(self.threshold)
+        self.kept: list[tuple[str, str]] = []  # (id, instruction)
+        self.counts: Counter = Counter()
+
+    def judge(self, instruction: str | None, examples: list[str]) -> str | None:
+        """The reason a candidate is rejected, or None to keep it."""
+        if instruction is None:
+            return "no_instruction"
+        reason = surface_rejection(instruction, self.min_chars, self.max_chars, self.banned)
+        if reason:
+            return reason
+        if near_duplicate_of_any(instruction, examples, self.threshold) or self.index.find_near_duplicate(instruction):
+            return "near_duplicate"
+        return None
+
+    def record(self, record: dict) -> None:
+        self.counts["generated"] += 1
+        self.counts[record["reason"] or "kept"] += 1
+        if record["kept"]:
+            self.kept.append((record["id"], record["instruction"]))
+            self.index.add(record["instruction"])
+
+    def funnel(self) -> str:
+        """Candidates left after each filter stage, as counts and fractions of those generated."""
+        generated = self.counts["generated"]
+        left, parts = generated, [f"generated {generated}"]
+        for reason in REJECTION_REASONS:
+            left -= self.counts[reason]
+            parts.append(f"after {reason} {left} ({left / generated:.0%})" if generated else f"after {reason} 0")
+        return ", ".join(parts)
+
+
+def _build_examples(rng: random.Random, seeds: list[dict], kept: list[tuple[str, str]], n_examples: int,
+                    n_generated: int) -> list[tuple[str, str]]:
+    """(id, text) examples of one prompt: all seeds until enough have been generated, then a mix, shuffled."""
+    if len(kept) < n_generated or n_generated == 0:
+        examples = [(seed["id"], seed["text"]) for seed in rng.sample(seeds, n_examples)]
+    else:
+        examples = [(seed["id"], seed["text"]) for seed in rng.sample(seeds, n_examples - n_generated)]
+        examples += rng.sample(kept, n_generated)
+    rng.shuffle(examples)
+    return examples
+
+
+def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: str, shard: int = 0,
+                            generator_factory: GeneratorFactory | None = None) -> None:
+    """Stage `synth_instructions`: one shard of teacher-written instruction candidates (all, with `reason`).
+
+    Settings: label, target, shards, seed, n (4), batch_size (16), prompt_examples (8),
+    generated_examples (2), oversample (1.5), max_prompts_factor (6), instruction_sampling,
+    filters, and the generator's keys (backend, external_teacher, chat_template).
+    `generator_factory` replaces the model in unit tests of the stage logic.
+    """
+    shard = int(shard)
+    n_shards = int(settings.get("shards", 1))
+    label = _required(settings, "label", "label")
+    target = int(_required(settings, "target", "target"))
+    base_seed = int(settings.get("seed", 0))
+    n = int(settings.get("n", 4))
+    batch_groups = max(1, int(settings.get("batch_size", 16)))
+    n_examples = int(settings.get("prompt_examples", 8))
+    n_generated = int(settings.get("generated_examples", 2))
+    sampling = _required(settings, "instruction_sampling", "synthesis.instruction_sampling")
+    if not 0 <= n_generated <= n_examples:
+        raise ConfigError("config key 'synthesis.generated_examples' must be between 0 and synthesis.prompt_examples")
+    quota = math.ceil(target * float(settings.get("oversample", 1.5)) / n_shards)
+    max_groups = math.ceil(float(settings.get("max_prompts_factor", 6)) * quota)
+
+    seeds = read_seed_pool(seed_pool)
+    if len(seeds) < n_examples:
+        raise DataError(f"{seed_pool}: {len(seeds)} seeds, fewer than synthesis.prompt_examples={n_examples}")
+    state = _ShardState(settings.get("filters"))
+    generator: Generator | None = None
+    log.info("synth_instructions %s shard %d/%d: keeping %d instructions (target %d over all shards), "
+             "at most %d prompts", label, shard, n_shards, quota, target, max_groups)
+
+    with resumable_shard(out) as writer, tqdm(total=quota, desc=f"{label} shard {shard} kept", unit="instr") as bar:
+        existing = {record["id"]: record for record in writer.records}
+        if existing:
+            log.info("shard %d: resuming from %d records in %s", shard, len(existing), writer.path)
+        batch = 0
+        while len(state.kept) < quota:
+            first_group = batch * batch_groups
+            if first_group >= max_groups:
+                raise DataError(
+                    f"{label} shard {shard}: only {len(state.kept)} of {quota} instructions kept after "
+                    f"{first_group} prompts ({state.funnel()}); the teacher's outputs fail the filters: raise "
+                    f"'synthesis.max_prompts_factor' (now {settings.get('max_prompts_factor', 6)}) or check "
+                    f"the rejected records (their 'reason') in {writer.path}"
+                )
+            groups = []
+            for group_index in range(first_group, first_group + batch_groups):
+                rng = random.Random(derive_seed(base_seed, label, shard, group_index))
+                examples = _build_examples(rng, seeds, state.kept, n_examples, n_generated)
+                group_id = f"{label}-s{shard}-g{group_index:04d}"
+                groups.append((group_id, examples, [f"{group_id}-c{c}" for c in range(n)]))
+
+            if not all(cid in existing for _, _, ids in groups for cid in ids):
+                if generator is None:
+                    generator = generator_factory() if generator_factory else make_generator(settings, teacher)
+                prefill = ASSISTANT_PREFILL if generator.supports_prefill else ""
+                prompts = [generator.chat_prompt(instruction_request([text for _, text in examples]), prefill)
+                           for _, examples, _ in groups]
+                batch_seed = derive_seed(base_seed, label, "generate", shard, batch)
+                outputs = generator.generate(prompts, sampling, n, batch_seed)
+
+            kept_before = len(state.kept)
+            for position, (group_id, examples, ids) in enumerate(groups):
+                for c, candidate_id in enumerate(ids):
+                    record = existing.get(candidate_id)
+                    if record is None:
+                        raw = outputs[position][c]
+                        instruction, how = extract_instruction(raw, prefill)
+                        reason = state.judge(instruction, [text for _, text in examples])
+                        record = {
+                            "id": candidate_id, "group": group_id, "prompt": prompts[position], "raw_output": raw,
+                            "instruction": instruction, "kept": reason is None, "reason": reason,
+                            "extraction": how, "shard": shard, "examples": [eid for eid, _ in examples],
+                        }
+                        writer.append(record)
+                    state.record(record)
+            bar.update(min(len(state.kept), quota) - min(kept_before, quota))
+            log.info("%s shard %d batch %d: %d groups, kept %d/%d; %s", label, shard, batch,
+                     first_group + batch_groups, len(state.kept), quota, state.funnel())
+            batch += 1
+    log.info("%s shard %d done: %d kept; yield by filter stage: %s", label, shard, len(state.kept), state.funnel())
+
+
+def _groups_in_order(records: list[dict]) -> list[list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record["group"], []).append(record)
+    return list(groups.values())
+
+
+def merge_instructions(settings: dict, shard_paths: list[str], out: str, summary: str) -> None:
+    """Stage `merge_instructions`: cross-shard dedup, then whole prompt groups in shard order up to `target`.
+
+    The cut keeps whole groups until at least `target` instructions are in, so the result may
+    exceed `target` by up to n - 1: siblings stay together for the group-wise split and the
+    preference pairs. Settings: target, label, filters (rouge_threshold).
+    """
+    target = int(_required(settings, "target", "target"))
+    label = settings.get("label", "instructions")
+    threshold = float({**DEFAULT_FILTERS, **(settings.get("filters") or {})}["rouge_threshold"])
+    if isinstance(shard_paths, str):
+        shard_paths = [shard_paths]
+    records = merge_shards(shard_paths)
+    index = RougeLIndex(threshold)
+    rejected: Counter = Counter()
+    kept_per_shard: Counter = Counter()
+    removed_per_shard: Counter = Counter()
+    survivors = []
+    for record in tqdm(records, desc=f"{label} cross-shard dedup", unit="cand"):
+        if not record.get("kept"):
+            rejected[record.get("reason") or "unknown"] += 1
+            continue
+        kept_per_shard[str(record.get("shard"))] += 1
+        if index.find_near_duplicate(record["instruction"]) is not None:
+            removed_per_shard[str(record.get("shard"))] += 1
+            continue
+        index.add(record["instruction"])
+        survivors.append(record)
+    if len(survivors) < target:
+        raise DataError(
+            f"{label}: {len(survivors)} instructions left after the cross-shard dedup of {shard_paths} "
+            f"({sum(kept_per_shard.values())} kept by the shards, {sum(removed_per_shard.values())} removed as "
+            f"near duplicates across shards), {target - len(survivors)} short of the target {target}; raise "
+            f"'synthesis.oversample' and rerun the shards (they resume and only add what is missing)"
+        )
+    selected: list[dict] = []
+    for group in _groups_in_order(survivors):
+        if len(selected) >= target:
+            break
+        selected.extend(group)
+    write_jsonl_atomic(out, selected)
+    stats = {
+        "label": label, "target": target, "generated": len(records),
+        "rejected": dict(sorted(rejected.items())), "kept_per_shard": dict(sorted(kept_per_shard.items())),
+        "cross_shard_removed": sum(removed_per_shard.values()),
+        "cross_shard_removed_per_shard": dict(sorted(removed_per_shard.items())),
+        "after_dedup": len(survivors), "written": len(selected),
+        "groups": len({record["group"] for record in selected}),
+        "yield": len(survivors) / len(records) if records else 0.0,
+    }
+    write_json_atomic(summary, stats)
+    log.info("%s merged: %d candidates, %d after dedup, %d written in %d groups (rejected: %s)", label,
+             len(records), len(survivors), len(selected), stats["groups"], stats["rejected"])
+
+
+def synthesize_responses(settings: dict, instructions: str, teacher: str, out: str, shard: int = 0,
+                         generator_factory: GeneratorFactory | None = None) -> None:
+    """Stage `synth_responses`: the teacher answers its shard of the instructions through the chat template.
+
+    Settings: label, shards, seed, batch_size (16), response_sampling, and the generator's keys.
+    """
+    shard = int(shard)
+    n_shards = int(settings.get("shards", 1))
+    label = settings.get("label", "responses")
+    base_seed = int(settings.get("seed", 0))
+    batch_size = max(1, int(settings.get("batch_size", 16)))
+    sampling = _required(settings, "response_sampling", "synthesis.response_sampling")
+    records = shard_slice(read_jsonl(instructions), shard, n_shards)
+    generator: Generator | None = None
+    empty = 0
+    with resumable_shard(out) as writer:
+        if writer.done_ids:
+            log.info("shard %d: resuming, %d of %d responses already in %s", shard, len(writer.done_ids),
+                     len(records), writer.path)
+        batches = range(0, len(records), batch_size)
+        for batch, start in enumerate(tqdm(batches, desc=f"{label} responses shard {shard}", unit="batch")):
+            todo = records[start:start + batch_size]
+            if all(record["id"] in writer for record in todo):
+                continue
+            if generator is None:
+                generator = generator_factory() if generator_factory else make_generator(settings, teacher)
+            prompts = [generator.chat_prompt(record["instruction"]) for record in todo]
+            outputs = generator.generate(prompts, sampling, 1, derive_seed(base_seed, label, "responses", shard, batch))
+            for record, (raw,) in zip(todo, outputs):
+                if record["id"] in writer:
+                    continue
+                response = raw.strip()
+                empty += not response
+                answered = {**record, "response": response}
+                if response != raw:
+                    answered["response_raw"] = raw
+                writer.append(answered)
+            log.info("%s responses shard %d: %d/%d done", label, shard, len(writer.done_ids), len(records))
+    if empty:
+        log.warning("%s responses shard %d: %d empty responses (the teacher ended at once)", label, shard, empty)
+
+
+def merge_responses(settings: dict, shard_paths: list[str], instructions: str, out: str) -> None:
+    """Stage `merge_responses`: every instruction answered exactly once, in the instructions' order."""
+    if isinstance(shard_paths, str):
+        shard_paths = [shard_paths]
+    expected = [record["id"] for record in read_jsonl(instructions)]
+    by_id = {record["id"]: record for record in merge_shards(shard_paths, expected)}
+    count = write_jsonl_atomic(out, (by_id[record_id] for record_id in expected))
+    log.info("merged %d responses from %d shards into %s", count, len(shard_paths), out)
+
+
+def _fill(groups: list[list[dict]], size: int) -> tuple[list[list[dict]], list[list[dict]]]:
+    """Whole groups adding up to `size`, taken in the given order where they fit.
+
+    When first fit leaves a gap r, a group of exactly r is added, or a chosen group is swapped
+    for one r larger; only if neither exists is the smallest group that completes the set added
+    (at most n - 1 records over).
+    """
+    chosen, rest, total = [], [], 0
+    for group in groups:
+        if total + len(group) <= size:
+            chosen.append(group)
+            total += len(group)
+        else:
+            rest.append(group)
+    gap = size - total
+    if gap <= 0:
+        return chosen, rest
+    exact = next((group for group in rest if len(group) == gap), None)
+    if exact is not None:
+        rest.remove(exact)
+        return chosen + [exact], rest
+    for position, old in enumerate(chosen):
+        larger = next((group for group in rest if len(group) == len(old) + gap), None)
+        if larger is not None:
+            rest[rest.index(larger)] = old
+            chosen[position] = larger
+            return chosen, rest
+    completing = [group for group in rest if len(group) > gap]
+    if completing:
+        smallest = min(completing, key=len)
+        rest.remove(smallest)
+        chosen.append(smallest)
+    return chosen, rest
+
+
+def split_probes(settings: dict, responses: str, warmup_out: str, probing_out: str) -> None:
+    """Stage `split_probes`: whole prompt groups, shuffled with the seed, into the probing and warm-up sets.
+
+    The probing set is filled first (its groups must stay whole for the preference pairs). Each
+    set gets exactly its size when whole groups allow it (see `_fill`), otherwise at most n - 1
+    records more. Settings: warmup_size, probing_size, seed.
+    """
+    warmup_size = int(_required(settings, "warmup_size", "probes.warmup_size"))
+    probing_size = int(_required(settings, "probing_size", "probes.probing_size"))
+    records = read_jsonl(responses)
+    groups = _groups_in_order(records)
+    random.Random(derive_seed(int(settings.get("seed", 0)), "split_probes")).shuffle(groups)
+    probing, rest = _fill(groups, probing_size)
+    warmup, unused = _fill(rest, warmup_size)
+    n_probing, n_warmup = sum(map(len, probing)), sum(map(len, warmup))
+    if n_probing < probing_size or n_warmup < warmup_size:
+        raise DataError(
+            f"{responses}: {len(records)} records in {len(groups)} prompt groups cannot give "
+            f"probes.probing_size={probing_size} and probes.warmup_size={warmup_size} records in whole groups "
+            f"(got {n_probing} and {n_warmup}); lower those keys or synthesize more probes"
+        )
+    write_jsonl_atomic(probing_out, [record for group in probing for record in group])
+    write_jsonl_atomic(warmup_out, [record for group in warmup for record in group])
+    log.info("split %d records: probing %d in %d groups, warm-up %d in %d groups, %d unused in %d groups",
+             len(records), n_probing, len(probing), n_warmup, len(warmup), sum(map(len, unused)), len(unused))

@@ -1,0 +1,143 @@
+"""The generation interface: transformers on the tiny model, vLLM's adapter, the API backend, backend choice."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from montessori.errors import ConfigError
+from montessori.generation import APIGenerator, TransformersGenerator, VLLMGenerator, make_generator
+from montessori.models import write_model_card
+
+SAMPLING = {"temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "presence_penalty": 0.0,
+            "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tiny_model_dir):
+    return TransformersGenerator(tiny_model_dir, batch_size=2)
+
+
+def test_transformers_batches_are_reproducible(tiny_generator):
+    import torch
+
+    prompts = [tiny_generator.chat_prompt(text) for text in ["Hi", "Name a long river in Africa.", "Why?"]]
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = tiny_generator.generate(prompts, SAMPLING, n=2, seed=7)
+    assert torch.rand(1) == before  # the caller's RNG stream is not consumed
+    assert [len(outputs) for outputs in first] == [2, 2, 2]
+    assert tiny_generator.generate(prompts, SAMPLING, n=2, seed=7) == first
+    assert tiny_generator.generate(prompts, SAMPLING, n=2, seed=8) != first
+
+
+def test_transformers_left_padding_matches_single_prompts(tiny_generator):
+    greedy = {**SAMPLING, "temperature": 0.0}
+    prompts = [tiny_generator.chat_prompt(text) for text in ["Hi", "Name a long river in Africa, please."]]
+    batched = tiny_generator.generate(prompts, greedy, n=1, seed=0)
+    single = [tiny_generator.generate([prompt], greedy, n=1, seed=0)[0] for prompt in prompts]
+    assert batched == single
+    with pytest.raises(ConfigError, match="greedy"):
+        tiny_generator.generate(prompts, greedy, n=2, seed=0)
+
+
+def test_prefill_is_appended_to_the_chat_prompt(tiny_generator):
+    prompt = tiny_generator.chat_prompt("Say hi", "<task>")
+    assert prompt.endswith("<|im_start|>assistant\n<task>")
+
+
+def test_backend_choice(tmp_path, tiny_model_dir, monkeypatch):
+    card = tmp_path / "teacher.json"
+    write_model_card(card, tiny_model_dir)
+    import montessori.generation as generation
+
+    monkeypatch.setattr(generation, "vllm_available", lambda: False)
+    assert isinstance(make_generator({"backend": "auto", "batch_size": 3}, card), TransformersGenerator)
+    with pytest.raises(ConfigError, match="'backend'"):
+        make_generator({"backend": "tensorrt"}, card)
+    monkeypatch.setattr(generation.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="vllm is not installed"):
+        make_generator({"backend": "vllm"}, card)
+    api = make_generator({"backend": "auto", "external_teacher": {"base_url": "http://x/v1", "model": "m",
+                                                                   "api_key_env": "KEY"}}, card)
+    assert isinstance(api, APIGenerator) and not api.supports_prefill
+    with pytest.raises(ConfigError, match="external_teacher.base_url"):
+        make_generator({"external_teacher": {"base_url": None, "model": "m"}}, card)
+
+
+def test_vllm_adapter_passes_token_ids_and_one_seed_per_prompt(tiny_model_dir, monkeypatch):
+    calls = {}
+
+    class FakeSamplingParams:
+        def __init__(self, **kwargs):
+            assert "best_of" not in kwargs
+            self.kwargs = kwargs
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+
+        def generate(self, inputs, params, use_tqdm):
+            calls["inputs"], calls["params"] = inputs, params
+            choice = types.SimpleNamespace
+            return [types.SimpleNamespace(outputs=[choice(index=1, text=f"p{i}-b"), choice(index=0, text=f"p{i}-a")])
+                    for i in range(len(inputs))]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams))
+    generator = VLLMGenerator(tiny_model_dir, seed=5)
+    prompts = [generator.chat_prompt("one"), generator.chat_prompt("two")]
+    assert generator.generate(prompts, {**SAMPLING, "presence_penalty": 0.5}, n=2, seed=9) == [["p0-a", "p0-b"],
+                                                                                              ["p1-a", "p1-b"]]
+    assert calls["init"]["model"] == tiny_model_dir and calls["init"]["seed"] == 5
+    first_ids = calls["inputs"][0]["prompt_token_ids"]
+    assert first_ids == generator.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    kwargs = [params.kwargs for params in calls["params"]]
+    assert kwargs[0]["n"] == 2 and kwargs[0]["max_tokens"] == 6 and kwargs[0]["presence_penalty"] == 0.5
+    assert kwargs[0]["seed"] != kwargs[1]["seed"]
+
+
+class _ChatServer(BaseHTTPRequestHandler):
+    """An OpenAI-style endpoint that, like some servers, returns one choice whatever `n` says."""
+
+    requests: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _ChatServer.requests.append((self.headers["Authorization"], body))
+        text = f"{body['messages'][0]['content']} seed={body['seed']}"
+        reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_api_backend_asks_again_until_n_choices(monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), _ChatServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("TEACHER_KEY", "secret")
+        generator = APIGenerator(f"http://127.0.0.1:{server.server_port}/v1", "teacher", "TEACHER_KEY", concurrency=2)
+        assert generator.chat_prompt("Write a task.", "<task>") == "Write a task."
+        outputs = generator.generate(["A", "B"], SAMPLING, n=2, seed=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [[text.split(" ")[0] for text in texts] for texts in outputs] == [["A", "A"], ["B", "B"]]
+    assert len(set(outputs[0])) == 2  # the second ask has its own seed
+    assert all(auth == "Bearer secret" and body["max_tokens"] == 6 for auth, body in _ChatServer.requests)
+    monkeypatch.delenv("TEACHER_KEY")
+    with pytest.raises(ConfigError, match="TEACHER_KEY"):
+        APIGenerator("http://127.0.0.1:9/v1", "teacher", "TEACHER_KEY").generate(["A"], SAMPLING, n=1, seed=1)
