@@ -79,8 +79,11 @@ def synthesis_teacher_card(wildcards) -> str:
 
 
 def synthesis_target(set_name: str) -> int:
+    """Kept instructions wanted. The split takes whole prompt groups, so each of its two sets may
+    overshoot by up to n - 1 records: the probes carry that slack."""
     if set_name == "probes":
-        return config["probes"]["warmup_size"] + config["probes"]["probing_size"]
+        slack = 2 * (config["synthesis"]["n"] - 1)
+        return config["probes"]["warmup_size"] + config["probes"]["probing_size"] + slack
     return config["train_set"]["size"]
 
 
