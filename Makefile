@@ -1,9 +1,11 @@
 # The two commands of the README. Both create .venv on first use (CPU torch; pinned versions).
-PYTHON ?= python3
+PYTHON := $(shell command -v python3)
 VENV := .venv
 CORES ?= 2
+# Rules run `python -m montessori`: the venv's python must come first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: pipeline test dag clean-results
+.PHONY: pipeline test
 
 $(VENV)/.installed: pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,3 @@ pipeline: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
-dag: $(VENV)/.installed
-	$(VENV)/bin/snakemake --rulegraph | dot -Tpng > docs/rulegraph.png
-	$(VENV)/bin/snakemake --dag | dot -Tpng > docs/dag.png

@@ -43,7 +43,7 @@ def load_schema(path: Path = SCHEMA_PATH) -> dict:
 def validate_config(config: dict, schema: dict | None = None, source: str = "config") -> dict:
     """Validate in place (defaults filled) and check the rules a schema cannot express."""
     schema = schema or load_schema()
-    validator = _with_defaults(jsonschema.Draft7Validator)(schema)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         lines = [f"config key '{_key_of(e)}': {e.message}" for e in errors[:5]]

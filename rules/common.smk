@@ -1,5 +1,4 @@
 import json
-import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -13,7 +12,6 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
-PY = sys.executable
 R = f"results/{config['run']}"
 LOGS = f"logs/{config['run']}"
 BENCH = f"benchmarks/{config['run']}"
@@ -42,8 +40,9 @@ def settings(**values) -> str:
 
 
 def montessori(stage: str) -> str:
-    """Shell prefix that runs one stage of the package."""
-    return f"{PY} -m montessori {stage} --settings {{params.settings:q}}"
+    """Shell prefix that runs one stage of the package with the `python` on PATH: the rule's conda
+    environment under --sdm conda, else the environment Snakemake was started from."""
+    return f"python -m montessori {stage} --settings {{params.settings:q}}"
 
 
 def training_launcher(stage: str) -> str:

@@ -1,1 +1,167 @@
+# Every student (the untrained one, and each method's student of each round) is evaluated the
+# same way: AlpacaEval-style pairwise judging, MT-Bench single-answer grading, lm-eval-harness.
+# <student> = base | <method>-round<k>.
 
+EVAL = f"{R}/eval/{{student}}"
+
+
+def eval_settings(**sections) -> str:
+    return settings(
+        seed=config["seed"],
+        backend=config["backend"],
+        batch_size=config["synthesis"]["batch_size"],
+        gpu_memory_utilization=config["synthesis"]["gpu_memory_utilization"],
+        chat_template=config["models"]["chat_template"],
+        **sections,
+    )
+
+
+def alpaca_reference(wildcards) -> str:
+    """The dataset's reference outputs, or another method's student outputs (the paper's setting)."""
+    reference = config["evaluation"]["alpaca_eval"]["reference"]
+    if reference == "dataset":
+        return []
+    method = reference.split(":", 1)[1]
+    round_k = wildcards.student.rsplit("-round", 1)[1] if "-round" in wildcards.student else "1"
+    return f"{R}/eval/{method}-round{round_k}/alpaca_eval/outputs.json"
+
+
+def judge_card(wildcards) -> list[str]:
+    return [base_card("judge")] if config["evaluation"]["judge"]["type"] == "local" else []
+
+
+def judge_option(wildcards, input) -> str:
+    return f"--judge {input.judge}" if input.get("judge") else ""
+
+
+def reference_option(wildcards, input) -> str:
+    return str(input.reference) if input.get("reference") else config["evaluation"]["alpaca_eval"]["source"]
+
+
+rule eval_alpaca_generate:
+    input:
+        student=lambda w: evaluated_student_card(w.student),
+    output:
+        f"{EVAL}/alpaca_eval/outputs.json",
+    params:
+        settings=eval_settings(alpaca_eval=config["evaluation"]["alpaca_eval"]),
+    log:
+        f"{LOGS}/eval/{{student}}/alpaca_generate.log",
+    benchmark:
+        f"{BENCH}/eval/{{student}}/alpaca_generate.tsv"
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=120,
+        gpu=GPUS,
+    conda:
+        "../envs/generation.yaml"
+    shell:
+        montessori("eval_alpaca_generate") + " --student {input.student} --out {output} --name {wildcards.student}"
+        + " > {log} 2>&1"
+
+
+rule eval_alpaca_judge:
+    """Pairwise preference against the reference outputs; judgements cached across reruns."""
+    input:
+        outputs=f"{EVAL}/alpaca_eval/outputs.json",
+        reference=alpaca_reference,
+        judge=judge_card,
+    output:
+        annotations=f"{EVAL}/alpaca_eval/annotations.json",
+        metrics=f"{EVAL}/alpaca_eval/metrics.json",
+    params:
+        settings=eval_settings(judge=config["evaluation"]["judge"], alpaca_eval=config["evaluation"]["alpaca_eval"]),
+        cache=f"{EVAL}/alpaca_eval/judge_cache.jsonl",
+        reference=reference_option,
+        judge=judge_option,
+    log:
+        f"{LOGS}/eval/{{student}}/alpaca_judge.log",
+    benchmark:
+        f"{BENCH}/eval/{{student}}/alpaca_judge.tsv"
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=120,
+        gpu=lambda w: GPUS if config["evaluation"]["judge"]["type"] == "local" else 0,
+    conda:
+        "../envs/generation.yaml"
+    shell:
+        montessori("eval_alpaca_judge")
+        + " --outputs {input.outputs} --reference {params.reference} --annotations {output.annotations}"
+        + " --metrics {output.metrics} --cache {params.cache} {params.judge} > {log} 2>&1"
+
+
+rule eval_mt_bench_generate:
+    input:
+        student=lambda w: evaluated_student_card(w.student),
+    output:
+        f"{EVAL}/mt_bench/answers.jsonl",
+    params:
+        settings=eval_settings(mt_bench=config["evaluation"]["mt_bench"]),
+    log:
+        f"{LOGS}/eval/{{student}}/mt_bench_generate.log",
+    benchmark:
+        f"{BENCH}/eval/{{student}}/mt_bench_generate.tsv"
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=120,
+        gpu=GPUS,
+    conda:
+        "../envs/generation.yaml"
+    shell:
+        montessori("eval_mt_bench_generate") + " --student {input.student} --out {output} --name {wildcards.student}"
+        + " > {log} 2>&1"
+
+
+rule eval_mt_bench_judge:
+    """Single-answer grading 1-10 with the MT-Bench judge prompts (references for math/reasoning/coding)."""
+    input:
+        answers=f"{EVAL}/mt_bench/answers.jsonl",
+        judge=judge_card,
+    output:
+        judgments=f"{EVAL}/mt_bench/judgment.jsonl",
+        scores=f"{EVAL}/mt_bench/scores.json",
+    params:
+        settings=eval_settings(judge=config["evaluation"]["judge"], mt_bench=config["evaluation"]["mt_bench"]),
+        cache=f"{EVAL}/mt_bench/judge_cache.jsonl",
+        judge=judge_option,
+    log:
+        f"{LOGS}/eval/{{student}}/mt_bench_judge.log",
+    benchmark:
+        f"{BENCH}/eval/{{student}}/mt_bench_judge.tsv"
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=120,
+        gpu=lambda w: GPUS if config["evaluation"]["judge"]["type"] == "local" else 0,
+    conda:
+        "../envs/generation.yaml"
+    shell:
+        montessori("eval_mt_bench_judge")
+        + " --answers {input.answers} --out {output.judgments} --scores {output.scores} --cache {params.cache}"
+        + " {params.judge} > {log} 2>&1"
+
+
+rule eval_lm_eval:
+    input:
+        student=lambda w: evaluated_student_card(w.student),
+    output:
+        f"{EVAL}/lm_eval/results.json",
+    params:
+        settings=eval_settings(lm_eval=config["evaluation"]["lm_eval"]),
+    log:
+        f"{LOGS}/eval/{{student}}/lm_eval.log",
+    benchmark:
+        f"{BENCH}/eval/{{student}}/lm_eval.tsv"
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=240,
+        gpu=GPUS,
+    conda:
+        "../envs/evaluation.yaml"
+    shell:
+        montessori("eval_lm_eval") + " --student {input.student} --out {output} --name {wildcards.student}"
+        + " > {log} 2>&1"

@@ -19,6 +19,8 @@ rule reference_set:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/base.yaml"
     shell:
         montessori("reference_set") + " --out {output} > {log} 2>&1"
 
@@ -44,6 +46,8 @@ rule warmup:
         runtime=240,
         gpu=TRAINING_GPUS,
     retries: 1
+    conda:
+        "../envs/training.yaml"
     shell:
         training_launcher("warmup")
         + " --student {input.student} --data {input.data} --out-dir {params.out_dir} --done {output.done}"
@@ -71,6 +75,8 @@ rule influence:
         runtime=480,
         gpu=GPUS * config["influence"]["gpus_per_shard"],
     retries: 1
+    conda:
+        "../envs/training.yaml"
     shell:
         montessori("influence")
         + " --warmup {input.warmup} --probing {input.probing} --reference {input.reference}"
@@ -96,6 +102,8 @@ rule merge_influence:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/base.yaml"
     shell:
         montessori("merge_influence")
         + " --shard-paths {input.shards} --probing {input.probing} --out {output.scores}"

@@ -15,5 +15,7 @@ rule prepare_model:
     resources:
         mem_mb=4000,
         runtime=60,
+    conda:
+        "../envs/base.yaml"
     shell:
         montessori("prepare_model") + " --out {output.card} --models-dir resources/models > {log} 2>&1"

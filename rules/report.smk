@@ -1,1 +1,59 @@
+# The last target: one table (students x metrics), plots, and the cost of every stage.
 
+
+def report_inputs(kind: str) -> list[str]:
+    students = evaluated_students()
+    paths = {
+        "alpaca": [f"{R}/eval/{s}/alpaca_eval/metrics.json" for s in students],
+        "mt_bench": [f"{R}/eval/{s}/mt_bench/scores.json" for s in students],
+        "lm_eval": [f"{R}/eval/{s}/lm_eval/results.json" for s in students],
+        "influence": [f"{R}/round{k}/influence/histogram.png" for k in ROUNDS] if "montessori" in METHODS else [],
+        "dpo_loss": [f"{R}/round{k}/teacher_loss.json" for k in ROUNDS] if "montessori" in METHODS else [],
+        "sft_loss": [f"{R}/round{k}/{m}/student_loss.json" for k in ROUNDS for m in METHODS],
+    }
+    return paths[kind]
+
+
+def optional_paths(option: str, kind: str) -> str:
+    paths = report_inputs(kind)
+    return f"{option} {' '.join(paths)}" if paths else ""
+
+
+rule report:
+    input:
+        alpaca=report_inputs("alpaca"),
+        mt_bench=report_inputs("mt_bench"),
+        lm_eval=report_inputs("lm_eval"),
+        influence=report_inputs("influence"),
+        dpo_loss=report_inputs("dpo_loss"),
+        sft_loss=report_inputs("sft_loss"),
+    output:
+        md=REPORT,
+        csv=report(f"{R}/report.csv", category="Results"),
+        figures=report(directory(f"{R}/figures"), patterns=["{name}.png"], category="Figures"),
+    params:
+        settings=settings(
+            run=config["run"],
+            judge=config["evaluation"]["judge"],
+            alpaca_eval=config["evaluation"]["alpaca_eval"],
+        ),
+        influence=optional_paths("--influence-histogram-paths", "influence"),
+        dpo_loss=optional_paths("--dpo-loss-paths", "dpo_loss"),
+        # Every job upstream has finished, so its benchmark file is there to be read.
+        benchmarks=BENCH,
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{BENCH}/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/base.yaml"
+    shell:
+        montessori("report")
+        + " --out-md {output.md} --out-csv {output.csv} --figures {output.figures}"
+        + " --alpaca-paths {input.alpaca} --mt-bench-paths {input.mt_bench} --lm-eval-paths {input.lm_eval}"
+        + " --sft-loss-paths {input.sft_loss} {params.influence} {params.dpo_loss}"
+        + " --benchmark-paths $(find {params.benchmarks} -name '*.tsv' ! -name report.tsv | sort) > {log} 2>&1"

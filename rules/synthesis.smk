@@ -16,6 +16,8 @@ rule seed_pool:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/base.yaml"
     shell:
         montessori("seed_pool") + " --out {output} > {log} 2>&1"
 
@@ -38,6 +40,8 @@ rule synth_instructions:
         mem_mb=32000,
         runtime=240,
         gpu=GPUS,
+    conda:
+        "../envs/generation.yaml"
     shell:
         montessori("synth_instructions")
         + " --seed-pool {input.seed_pool} --teacher {input.teacher} --out {output} --shard {wildcards.shard}"
@@ -65,6 +69,8 @@ rule merge_instructions:
     resources:
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/base.yaml"
     shell:
         montessori("merge_instructions")
         + " --shard-paths {input} --out {output.instructions} --summary {output.summary} > {log} 2>&1"
@@ -88,6 +94,8 @@ rule synth_responses:
         mem_mb=32000,
         runtime=240,
         gpu=GPUS,
+    conda:
+        "../envs/generation.yaml"
     shell:
         montessori("synth_responses")
         + " --instructions {input.instructions} --teacher {input.teacher} --out {output} --shard {wildcards.shard}"
@@ -110,6 +118,8 @@ rule merge_responses:
     resources:
         mem_mb=8000,
         runtime=30,
+    conda:
+        "../envs/base.yaml"
     shell:
         montessori("merge_responses")
         + " --shard-paths {input.shards} --instructions {input.instructions} --out {output} > {log} 2>&1"
@@ -132,6 +142,8 @@ rule split_probes:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/base.yaml"
     shell:
         montessori("split_probes")
         + " --responses {input} --warmup-out {output.warmup} --probing-out {output.probing} > {log} 2>&1"

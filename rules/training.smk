@@ -18,6 +18,8 @@ rule preference_pairs:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/base.yaml"
     shell:
         montessori("preference_pairs")
         + " --influence {input.influence} --responses {input.probing} --out {output.pairs}"
@@ -46,6 +48,8 @@ rule dpo_teacher:
         runtime=720,
         gpu=TRAINING_GPUS,
     retries: 1
+    conda:
+        "../envs/training.yaml"
     shell:
         training_launcher("dpo_teacher")
         + " --teacher {input.teacher} --pairs {input.pairs} --out-dir {params.out_dir} --done {output.done}"
@@ -74,6 +78,8 @@ rule sft_student:
         runtime=1440,
         gpu=TRAINING_GPUS,
     retries: 1
+    conda:
+        "../envs/training.yaml"
     shell:
         training_launcher("sft_student")
         + " --student {input.student} --data {input.data} --out-dir {params.out_dir} --done {output.done}"

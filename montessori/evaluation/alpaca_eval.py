@@ -1,0 +1,145 @@
+"""AlpacaEval 2: student outputs in alpaca_eval's format, weighted pairwise judging, leaderboard metrics.
+
+Files keep alpaca_eval's own formats so its tools read them: outputs are a JSON list of
+`{"dataset", "instruction", "output", "generator"}`, annotations a JSON list with `instruction`,
+`output_1` / `generator_1` (the reference), `output_2` / `generator_2` (the model), `annotator`
+and `preference` (1 = reference wins, 2 = model wins, fractional = weighted, null = missing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..data import load_rows
+from ..errors import ConfigError, DataError
+from ..io import ShardWriter, write_json_atomic
+from ..models import model_path
+from ..seeding import derive_seed
+from .judges import judge_id, make_preference_judge, preference_from_probability
+from .metrics import alpaca_eval_metrics
+
+log = logging.getLogger(__name__)
+
+
+def read_alpaca_rows(source: str | Path, need_output: bool = True) -> list[dict]:
+    """alpaca_eval rows from a local JSON list or a remote file (https://, hf://); each must have
+    `instruction` (and `output`)."""
+    located = load_rows(str(source))
+    if not located:
+        raise DataError(f"{source}: no alpaca_eval rows")
+    fields = ("instruction", "output") if need_output else ("instruction",)
+    for location, row in located:
+        missing = [f for f in fields if not isinstance(row, dict) or not isinstance(row.get(f), str)]
+        if missing:
+            raise DataError(f"{location}: lacks string field(s) {missing}")
+    return [row for _, row in located]
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def generate_outputs(settings: dict, student: str, out: str, name: str) -> None:
+    """Stage `eval_alpaca_generate`: the student's outputs for the evaluation instructions.
+
+    settings: {"seed", "backend", "chat_template", "batch_size",
+               "alpaca_eval": {"source", "limit", "max_new_tokens", "temperature" (0 = greedy)}}
+    """
+    from ..generation import make_generator
+
+    section = settings.get("alpaca_eval", {})
+    if not section.get("source"):
+        raise ConfigError("config key 'evaluation.alpaca_eval.source' is not set")
+    rows = read_alpaca_rows(section["source"], need_output=False)
+    limit = section.get("limit")
+    rows = rows[:limit] if limit else rows
+    generator = make_generator(settings, student)
+    prompts = [generator.chat_prompt(row["instruction"]) for row in rows]
+    sampling = {"temperature": float(section.get("temperature", 0.0)), "top_p": 1.0,
+                "max_new_tokens": int(section.get("max_new_tokens", 2048))}
+    log.info("alpaca_eval: generating %d outputs for %s (%s)", len(rows), name, sampling)
+    completions = generator.generate(prompts, sampling, 1, derive_seed(settings.get("seed", 0), "alpaca_eval", name))
+    outputs = [{"dataset": row.get("dataset", "alpaca_eval"), "instruction": row["instruction"],
+                "output": texts[0].strip(), "generator": name}
+               for row, texts in zip(rows, completions)]
+    write_json_atomic(out, outputs)
+    log.info("alpaca_eval: wrote %d outputs to %s", len(outputs), out)
+
+
+def _cache_key(judge: str, instruction: str, output_first: str, output_second: str) -> str:
+    payload = json.dumps([judge, instruction, output_first, output_second], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def judge_outputs(settings: dict, outputs: str, reference: str, annotations: str, metrics: str,
+                  cache: str, judge: str | None = None) -> None:
+    """Stage `eval_alpaca_judge`: pairwise preferences of the judge, then the leaderboard metrics.
+
+    `reference` is the evaluation set (its `output` is the reference answer) or another student's
+    outputs file; `judge` is the judge's model card (judge type local). Judgements are appended to
+    the JSONL `cache`, keyed by (judge, instruction, first shown output, second shown output), so a
+    rerun asks the judge only about new comparisons.
+
+    settings: {"seed", "chat_template" (for a judge without one),
+               "judge": {"type", "model", "base_url", "api_key_env"}}
+    """
+    judge_settings = settings.get("judge", {})
+    model_rows = read_alpaca_rows(outputs)
+    reference_rows = {}
+    for row in read_alpaca_rows(reference):
+        reference_rows.setdefault(row["instruction"], row)
+    absent = [row["instruction"] for row in model_rows if row["instruction"] not in reference_rows]
+    if absent:
+        raise DataError(f"{reference}: no reference output for {len(absent)} instruction(s) of {outputs}, "
+                        f"e.g. {absent[0][:80]!r}")
+    judge_path = model_path(judge) if judge else None
+    identity = judge_id(judge_settings, judge_path)
+    seed = settings.get("seed", 0)
+    preference_judge = None
+    annotated = []
+    n_cached = 0
+    with ShardWriter(cache, id_key="key") as cached:
+        by_key = {record["key"]: record for record in cached.records}
+        for row in tqdm(model_rows, desc="alpaca_eval judge", unit="pair"):
+            ref = reference_rows[row["instruction"]]
+            # The order shown to the judge is a coin flip seeded by the comparison itself, so a rerun
+            # (and the cache) sees the same order for the same pair.
+            switched = derive_seed(seed, "alpaca_eval_order", row["instruction"], ref["output"], row["output"]) % 2 == 1
+            first, second = (row["output"], ref["output"]) if switched else (ref["output"], row["output"])
+            key = _cache_key(identity, row["instruction"], first, second)
+            if key in by_key:
+                n_cached += 1
+                record = by_key[key]
+            else:
+                if preference_judge is None:
+                    preference_judge = make_preference_judge(judge_settings, judge_path, settings.get("chat_template"))
+                p_first, raw = preference_judge.judge(row["instruction"], first, second)
+                record = {"key": key, "judge": identity, "p_first": _json_number(p_first), "raw": raw}
+                cached.append(record)
+                by_key[key] = record
+            p_first = record["p_first"]
+            preference = None if p_first is None else preference_from_probability(p_first, switched)
+            annotated.append({
+                "dataset": row.get("dataset", ref.get("dataset")), "instruction": row["instruction"],
+                "output_1": ref["output"], "generator_1": ref.get("generator", "reference"),
+                "output_2": row["output"], "generator_2": row.get("generator", "model"),
+                "annotator": identity, "preference": preference, "is_switched_outputs": switched,
+                "raw_completion": record["raw"],
+            })
+    log.info("alpaca_eval: %d comparisons, %d from the cache %s", len(annotated), n_cached, cache)
+    write_json_atomic(annotations, annotated)
+    result = {key: _json_number(value) for key, value in alpaca_eval_metrics(annotated).items()}
+    result.update({
+        "generator": annotated[0]["generator_2"], "reference_generator": annotated[0]["generator_1"],
+        "annotator": identity, "n_missing": sum(row["preference"] is None for row in annotated),
+        "avg_length": sum(len(row["output_2"]) for row in annotated) / len(annotated),
+    })
+    write_json_atomic(metrics, result)
+    log.info("alpaca_eval %s vs %s: win rate %s, LC %s", result["generator"], result["reference_generator"],
+             result["win_rate"], result["length_controlled_winrate"])

@@ -1,0 +1,101 @@
+"""The report on fake but well-formed evaluation, training and benchmark files."""
+
+import csv
+import json
+
+import pytest
+
+from montessori.errors import DataError
+from montessori.report import build_report, read_benchmark
+
+BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R = tmp_path / "results" / "demo"
+    students = {"self_instruct-round1": 1.0, "base": 0.0, "montessori-round1": 2.0}
+    files = {"alpaca": [], "mt": [], "lm": []}
+    for name, bonus in students.items():
+        files["alpaca"].append(_write(R / "eval" / name / "alpaca_eval" / "metrics.json", {
+            "win_rate": 10 + bonus, "standard_error": 1.5, "n_wins": 1, "n_wins_base": 7, "n_draws": 0,
+            "n_total": 8, "discrete_win_rate": 12.5, "length_controlled_winrate": 20 + bonus, "n_missing": 0,
+            "generator": name, "reference_generator": "gpt4_1106_preview"}))
+        files["mt"].append(_write(R / "eval" / name / "mt_bench" / "scores.json", {
+            "model": name, "turn_1": 3 + bonus, "turn_2": None, "overall": 3 + bonus, "n_missing": 5}))
+        files["lm"].append(_write(R / "eval" / name / "lm_eval" / "results.json", {
+            "model": name, "tasks": {"montessori_local_qa": {"num_fewshot": 0, "n_samples": 5,
+                                                             "metrics": {"acc": 0.2 * (1 + bonus), "acc_stderr": 0.1}}}}))
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    sft = [_write(R / "round1" / m / "loss.json", {"stage": "sft", "history": history}) for m in ("montessori", "self_instruct")]
+    dpo = [_write(R / "round1" / "teacher" / "loss.json", {"stage": "dpo", "history": history})]
+    histogram = R / "round1" / "influence" / "histogram.png"
+    histogram.parent.mkdir(parents=True)
+    fig, ax = plt.subplots()
+    ax.hist([0.1, -0.2, 0.3])
+    fig.savefig(histogram)
+    plt.close(fig)
+    bench = []
+    for stage, (seconds, rss) in {"warmup": ((10.0, 14.0), (900.5, 950.0)), "influence.shard-0": ((30.0,), ("-",))}.items():
+        path = R / "benchmarks" / f"{stage}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = "".join(f"{s}\t0:00:{int(s):02d}\t{r}\t1\t1\t1\t0\t0\t50\t{s / 2}\n" for s, r in zip(seconds, rss))
+        path.write_text(BENCH_HEADER + rows)
+        bench.append(str(path))
+    return R, files, sft, dpo, [str(histogram)], bench
+
+
+def test_report_table_figures_and_costs(run_dir):
+    R, files, sft, dpo, histograms, bench = run_dir
+    settings = {"run": "demo", "judge": {"type": "local", "model": "smollm2-135m-instruct"},
+                "alpaca_eval": {"reference": "dataset"}}
+    build_report(settings, str(R / "report.md"), str(R / "report.csv"), str(R / "figures"),
+                 alpaca_paths=files["alpaca"], mt_bench_paths=files["mt"], lm_eval_paths=files["lm"],
+                 influence_histogram_paths=histograms, sft_loss_paths=sft, dpo_loss_paths=dpo,
+                 benchmark_paths=bench)
+
+    with open(R / "report.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["student"] for row in table] == ["base", "montessori-round1", "self_instruct-round1"]
+    assert float(table[1]["alpaca_eval.win_rate"]) == 12.0
+    assert float(table[1]["alpaca_eval.length_controlled_winrate"]) == 22.0
+    assert float(table[2]["mt_bench.overall"]) == 4.0
+    assert table[0]["mt_bench.turn_2"] == ""
+    assert float(table[1]["lm_eval.montessori_local_qa.acc"]) == pytest.approx(0.6)
+    assert list(table[0])[1] == "alpaca_eval.win_rate"
+
+    report = (R / "report.md").read_text()
+    assert "| montessori-round1 | 12.00 |" in report
+    # mean wall of the two warm-up repeats, their peak RSS; an unmeasured RSS shows as n/a
+    assert "| warmup | 12.00 | 950.00 | 6.00 |" in report
+    assert "| influence.shard-0 | 30.00 | n/a | 15.00 |" in report
+    assert "| **total** | 42.00 |" in report
+    for name in ("metrics.png", "sft_loss.png", "dpo_loss.png", "influence_round1.png"):
+        assert (R / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](figures/{name})" in report
+
+
+def test_report_rejects_a_bad_benchmark_file(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("seconds\n1\n")
+    with pytest.raises(DataError, match="not a Snakemake benchmark file"):
+        read_benchmark(str(bad))
+    bad.write_text(BENCH_HEADER + "fast\t0\t1\t1\t1\t1\t0\t0\t0\t1\n")
+    with pytest.raises(DataError, match=r"bad.tsv:2: column s is not a number"):
+        read_benchmark(str(bad))
+
+
+def test_report_needs_results(tmp_path):
+    with pytest.raises(DataError, match="no evaluation results"):
+        build_report({}, str(tmp_path / "r.md"), str(tmp_path / "r.csv"), str(tmp_path / "fig"))
