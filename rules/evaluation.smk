@@ -5,13 +5,14 @@
 EVAL = f"{R}/eval/{{student}}"
 
 
-def eval_settings(**sections) -> str:
+def eval_settings(judging: bool = False, **sections) -> str:
+    """Settings of an evaluation stage; a judge keeps its own chat template, never the student's."""
     return settings(
         seed=config["seed"],
         backend=config["backend"],
         batch_size=config["synthesis"]["batch_size"],
         gpu_memory_utilization=config["synthesis"]["gpu_memory_utilization"],
-        chat_template=config["models"]["chat_template"],
+        chat_template=None if judging else config["models"]["chat_template"],
         **sections,
     )
 
@@ -71,7 +72,7 @@ rule eval_alpaca_judge:
         annotations=f"{EVAL}/alpaca_eval/annotations.json",
         metrics=f"{EVAL}/alpaca_eval/metrics.json",
     params:
-        settings=eval_settings(judge=config["evaluation"]["judge"], alpaca_eval=config["evaluation"]["alpaca_eval"]),
+        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"], alpaca_eval=config["evaluation"]["alpaca_eval"]),
         cache=f"{EVAL}/alpaca_eval/judge_cache.jsonl",
         reference=reference_option,
         judge=judge_option,
@@ -124,7 +125,7 @@ rule eval_mt_bench_judge:
         judgments=f"{EVAL}/mt_bench/judgment.jsonl",
         scores=f"{EVAL}/mt_bench/scores.json",
     params:
-        settings=eval_settings(judge=config["evaluation"]["judge"], mt_bench=config["evaluation"]["mt_bench"]),
+        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"], mt_bench=config["evaluation"]["mt_bench"]),
         cache=f"{EVAL}/mt_bench/judge_cache.jsonl",
         judge=judge_option,
     log:

@@ -128,6 +128,9 @@ def _load_keyed(source: str, what: str) -> dict:
     return keyed
 
 
+LOCAL_RATING_PREFILL = "Rating: [["
+
+
 class _TextJudge:
     """Judgement text for (system, user) prompts: greedy local generation or an API chat completion."""
 
@@ -151,11 +154,14 @@ class _TextJudge:
 
     def __call__(self, conversations: list[tuple[str, str]]) -> list[str]:
         if self.kind == "local":
+            # Small local judges rarely end with "[[rating]]" on their own (the 135M default never
+            # did): their answer is started with the rating's opening brackets, so the rating is
+            # the first thing they write. What they write there is parsed like any judgement.
             prompts = [_chat_prompt(self.generator.tokenizer, [{"role": "system", "content": system},
-                                                     {"role": "user", "content": user}])
+                                                     {"role": "user", "content": user}]) + LOCAL_RATING_PREFILL
                        for system, user in conversations]
             sampling = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": self.max_new_tokens}
-            return [texts[0] for texts in self.generator.generate(prompts, sampling, 1, self.seed)]
+            return [LOCAL_RATING_PREFILL + texts[0] for texts in self.generator.generate(prompts, sampling, 1, self.seed)]
         from ..openai_client import chat_completion
 
         texts = []
