@@ -39,16 +39,21 @@ def settings(**values) -> str:
     return json.dumps(values, sort_keys=True)
 
 
+# torch would otherwise start a thread per core of the node: on a shared cluster node, or with
+# several jobs on a laptop, oversubscribed OpenMP threads spin against each other.
+THREAD_LIMITS = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+
+
 def montessori(stage: str) -> str:
     """Shell prefix that runs one stage of the package with the `python` on PATH: the rule's conda
     environment under --sdm conda, else the environment Snakemake was started from."""
-    return f"python -m montessori {stage} --settings {{params.settings:q}}"
+    return f"{THREAD_LIMITS} python -m montessori {stage} --settings {{params.settings:q}}"
 
 
 def training_launcher(stage: str) -> str:
     """One process on a CPU or one GPU; accelerate with FSDP over several GPUs."""
     if TRAINING_GPUS > 1:
-        return (f"accelerate launch --config_file {config['compute']['accelerate_config']} "
+        return (f"{THREAD_LIMITS} accelerate launch --config_file {config['compute']['accelerate_config']} "
                 f"--num_processes {TRAINING_GPUS} -m montessori {stage} --settings {{params.settings:q}}")
     return montessori(stage)
 

@@ -1,0 +1,278 @@
+"""Local data influence on a tiny model: exact == original algorithm, first order == finite
+difference, restore restores, resume after a kill, merge errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import montessori.io as montessori_io
+from montessori import influence
+from montessori.chat import encode_pair
+from montessori.errors import ConfigError, DataError
+from montessori.io import read_json, read_jsonl, write_jsonl_atomic
+from montessori.models import write_model_card
+from montessori.optim_state import save_adamw_state, trainer_param_groups
+
+MAX_LENGTH = 64
+
+
+def alpaca_pairs(shared_data, start, count, prefix):
+    rows = json.loads((shared_data / "seeds" / "alpaca_gpt4_demo_1k.json").read_text())
+    pairs = []
+    for i, row in enumerate(rows[start:start + count]):
+        instruction = " ".join(x for x in (row["instruction"], row["input"]) if x)
+        pairs.append({"id": f"{prefix}-{i:02d}", "group": f"{prefix}-g{i // 2}", "instruction": instruction,
+                      "response": row["output"]})
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def warmup(tiny_model_dir, shared_data, tmp_path_factory):
+    """A real warm-up state: a few torch AdamW steps (Trainer-style groups), saved as the warm-up does."""
+    out = tmp_path_factory.mktemp("warmup")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(trainer_param_groups(model, 0.1), lr=2e-3, betas=(0.9, 0.95), eps=1e-8)
+    for pair in alpaca_pairs(shared_data, 100, 4, "warm"):
+        item = encode_pair(tokenizer, pair["instruction"], pair["response"], MAX_LENGTH)
+        model(input_ids=torch.tensor([item["input_ids"]]), labels=torch.tensor([item["labels"]])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_adamw_state(model, optimizer, 2e-3, out)
+    card = out.parent / "warmup.done"
+    write_model_card(card, out)
+    return card
+
+
+@pytest.fixture(scope="module")
+def data(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_jsonl_atomic(root / "probing.jsonl", alpaca_pairs(shared_data, 0, 6, "probe"))
+    reference = [{k: p[k] for k in ("id", "instruction", "response")} for p in alpaca_pairs(shared_data, 50, 5, "ref")]
+    write_jsonl_atomic(root / "reference.jsonl", reference)
+    return root / "probing.jsonl", root / "reference.jsonl"
+
+
+def settings(**overrides):
+    return {"mode": "exact", "shards": 1, "gpus_per_shard": 1, "precision": "fp32", "batch_size": 2,
+            "max_length": MAX_LENGTH, "spearman_check": 0, "seed": 42, **overrides}
+
+
+def run_shard(tmp_path, warmup, data, name, shard=0, **overrides):
+    probing, reference = data
+    out, summary = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.summary.json"
+    influence.score_shard(settings(**overrides), warmup=str(warmup), probing=str(probing),
+                          reference=str(reference), out=str(out), summary=str(summary), shard=shard)
+    return read_jsonl(out), read_json(summary)
+
+
+def load_scorer(warmup, data):
+    from montessori.models import model_path
+
+    checkpoint = model_path(warmup)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    state = influence.WarmupState.load(checkpoint, model, torch.float32, "cpu")
+    reference = influence.encode_records(tokenizer, read_jsonl(data[1]), MAX_LENGTH, data[1])
+    batches = influence.make_batches(reference, 2, tokenizer.pad_token_id, "cpu")
+    probes = influence.encode_records(tokenizer, read_jsonl(data[0]), MAX_LENGTH, data[0])
+    pairs = [influence.make_batches([p], 1, tokenizer.pad_token_id, "cpu")[0] for p in probes]
+    return influence.Scorer(model, state, batches), pairs
+
+
+def test_update_math_is_torch_adamw_bit_for_bit():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(50, 7))
+    optimizer = torch.optim.AdamW([param], lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(3):
+        param.grad = torch.randn_like(param)
+        optimizer.step()
+    state = optimizer.state[param]
+    exp_avg, exp_avg_sq, step = state["exp_avg"].clone(), state["exp_avg_sq"].clone(), int(state["step"])
+    before = param.detach().clone()
+    param.grad = torch.randn_like(param)
+    hyper = {"step": step, "lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    predicted = param.detach().clone()
+    scratch = influence.Scratch()
+    influence.adamw_apply_(predicted, param.grad, exp_avg, exp_avg_sq, scratch, **hyper)
+    delta = influence.adamw_delta(param, param.grad, exp_avg, exp_avg_sq, scratch, **hyper).clone()
+    optimizer.step()
+    assert torch.equal(predicted, param.detach())
+    # up to the rounding of theta + delta in fp32 (|theta| ~ 2 here)
+    torch.testing.assert_close(before + delta, param.detach(), rtol=0, atol=5e-7)
+    # the moments given were not touched
+    assert not torch.equal(exp_avg, state["exp_avg"])
+
+
+def test_exact_equals_the_original_algorithm(tmp_path, warmup, data):
+    exact, exact_summary = run_shard(tmp_path, warmup, data, "exact", mode="exact")
+    original, original_summary = run_shard(tmp_path, warmup, data, "reference", mode="reference")
+    assert [r["id"] for r in exact] == [r["id"] for r in original] == [f"probe-{i:02d}" for i in range(6)]
+    for a, b in zip(exact, original):
+        for key in ("loss_before", "loss_after", "influence", "influence_vs_momentum"):
+            assert abs(a[key] - b[key]) <= 1e-6, (key, a, b)
+        assert a["group"] == b["group"]
+    assert abs(exact_summary["momentum_loss"] - original_summary["momentum_loss"]) <= 1e-6
+    # the step is large on this random model: scores are far from rounding noise
+    assert max(abs(r["influence"]) for r in exact) > 1e-3
+
+
+def test_restore_is_bit_identical_after_every_example(warmup, data):
+    scorer, pairs = load_scorer(warmup, data)
+    weights = {n: p.detach().clone() for n, p in scorer.model.named_parameters()}
+    moments = {n: (scorer.state.exp_avg[n].clone(), scorer.state.exp_avg_sq[n].clone()) for n in weights}
+    scorer.compute_reference_grad()
+
+    def unchanged():
+        return all(torch.equal(p, weights[n]) for n, p in scorer.model.named_parameters()) and all(
+            torch.equal(scorer.state.exp_avg[n], m) and torch.equal(scorer.state.exp_avg_sq[n], v)
+            for n, (m, v) in moments.items())
+
+    scorer.momentum_only()
+    assert unchanged()
+    losses = []
+    for pair in pairs:
+        result = scorer.score(pair, exact=True, first_order=True)
+        assert all(p.grad is None for p in scorer.model.parameters())
+        assert unchanged()
+        losses.append(result["loss_after"])
+    assert len(set(losses)) == len(losses)  # each pair really moved the weights
+    # scoring the same pair twice gives the same number: nothing leaks from one example to the next
+    assert scorer.score(pairs[0], exact=True, first_order=False)["loss_after"] == losses[0]
+
+
+def test_first_order_matches_a_finite_difference(warmup, data):
+    scorer, pairs = load_scorer(warmup, data)
+    # The tokenizer's pad token is <|im_end|>, which ends every response; nn.Embedding(padding_idx)
+    # drops its input occurrences from the gradient (as in training), which a finite difference
+    # would not. Compare the two on the plain derivative.
+    scorer.model.model.embed_tokens.padding_idx = None
+    scorer.compute_reference_grad()
+    params = scorer.params
+    for pair in pairs[:3]:
+        estimate = scorer.score(pair, exact=False, first_order=True)["first_order"]
+        # the AdamW update direction of this pair, from a plain backward
+        total, count = influence.response_nll(scorer.model, pair)
+        (total / count).backward()
+        with torch.no_grad():
+            delta = {n: influence.adamw_delta(p, p.grad, *scorer._moments(n), scorer.scratch, **scorer._hyper(n)).clone()
+                     for n, p in params.items()}
+        scorer.model.zero_grad(set_to_none=True)
+        # the finite difference in float64, where a small step is far above rounding noise
+        model64 = copy.deepcopy(scorer.model).double()
+        params64 = dict(model64.named_parameters())
+        eps = 1e-2
+        losses = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                for n, p in params.items():
+                    params64[n].copy_(p.double() + sign * eps * delta[n].double())
+            losses.append(influence.reference_loss(model64, scorer.reference_batches))
+        central = (losses[0] - losses[1]) / (2 * eps)
+        assert abs(estimate) > 1e-4
+        assert estimate == pytest.approx(central, rel=2e-3)
+
+
+def test_first_order_mode_with_spearman_check(tmp_path, warmup, data):
+    records, summary = run_shard(tmp_path, warmup, data, "fo", mode="first_order", spearman_check=4)
+    assert len(records) == 6
+    checked = [r for r in records if "influence_exact" in r]
+    assert [r["id"] for r in checked] == [f"probe-{i:02d}" for i in range(4)]
+    for r in records:
+        assert r["influence"] == r["influence_first_order"] if "influence_first_order" in r else True
+        assert r["loss_after"] == pytest.approx(r["loss_before"] + r["influence"])
+    assert summary["spearman_count"] == 4 and summary["spearman_first_order_vs_exact"] is not None
+    exact, _ = run_shard(tmp_path, warmup, data, "ex", mode="exact")
+    for fo, ex in zip(checked, exact):
+        assert fo["influence_exact"] == pytest.approx(ex["influence"], abs=1e-6)
+
+
+def test_shards_split_the_probing_set(tmp_path, warmup, data):
+    whole, _ = run_shard(tmp_path, warmup, data, "whole")
+    parts = [run_shard(tmp_path, warmup, data, f"part{i}", shard=i, shards=2)[0] for i in range(2)]
+    assert [r["id"] for r in parts[0] + parts[1]] == [r["id"] for r in whole]
+    for a, b in zip(parts[0] + parts[1], whole):
+        assert a["influence"] == b["influence"]
+
+
+def test_resume_after_a_kill_skips_done_ids_and_matches(tmp_path, warmup, data, monkeypatch):
+    uninterrupted, _ = run_shard(tmp_path, warmup, data, "full")
+
+    real_append = montessori_io.ShardWriter.append
+
+    class Killed(Exception):
+        pass
+
+    def dying_append(self, record):
+        if len(self.records) == 2:
+            with self.path.open("a") as handle:  # a kill in the middle of writing the third line
+                handle.write(json.dumps(record)[:20])
+            raise Killed
+        real_append(self, record)
+
+    monkeypatch.setattr(montessori_io.ShardWriter, "append", dying_append)
+    with pytest.raises(Killed):
+        run_shard(tmp_path, warmup, data, "killed")
+    monkeypatch.setattr(montessori_io.ShardWriter, "append", real_append)
+
+    scored = []
+    real_score = influence.Scorer.score
+
+    def counting_score(self, batch, exact, first_order):
+        scored.append(batch["input_ids"].shape)
+        return real_score(self, batch, exact, first_order)
+
+    monkeypatch.setattr(influence.Scorer, "score", counting_score)
+    resumed, summary = run_shard(tmp_path, warmup, data, "killed")
+    assert len(scored) == 4
+    assert summary["count"] == 6
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert strip(resumed) == strip(uninterrupted)
+
+
+def test_multi_gpu_shards_are_refused_clearly(tmp_path, warmup, data):
+    with pytest.raises(ConfigError, match="gpus_per_shard=2"):
+        run_shard(tmp_path, warmup, data, "x", gpus_per_shard=2)
+    with pytest.raises(ConfigError, match="influence.mode"):
+        run_shard(tmp_path, warmup, data, "x", mode="fast")
+
+
+def _record(i, influence_value):
+    return {"id": f"probe-{i:02d}", "group": "g", "loss_before": 1.0, "loss_after": 1.0 + influence_value,
+            "influence": influence_value, "influence_vs_momentum": influence_value + 0.01, "seconds": 0.1}
+
+
+def test_merge_writes_table_summary_histogram(tmp_path, data):
+    probing = data[0]
+    write_jsonl_atomic(tmp_path / "s1.jsonl", [_record(i, 0.01 * i - 0.02) for i in (3, 4, 5)])
+    write_jsonl_atomic(tmp_path / "s0.jsonl", [_record(i, 0.01 * i - 0.02) for i in (0, 1, 2)])
+    out, summary, histogram = tmp_path / "influence.jsonl", tmp_path / "summary.json", tmp_path / "hist.png"
+    influence.merge_influence({}, shard_paths=[str(tmp_path / "s1.jsonl"), str(tmp_path / "s0.jsonl")],
+                              probing=str(probing), out=str(out), summary=str(summary), histogram=str(histogram))
+    merged = read_jsonl(out)
+    assert [r["id"] for r in merged] == [f"probe-{i:02d}" for i in range(6)]
+    result = read_json(summary)
+    assert result["count"] == 6
+    assert result["fraction_negative"] == {"influence": 2 / 6, "influence_vs_momentum": 1 / 6}
+    assert result["influence"]["mean"] == pytest.approx(0.005)
+    assert histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_errors_for_missing_and_duplicate_ids(tmp_path, data):
+    probing = data[0]
+    paths = dict(probing=str(probing), out=str(tmp_path / "o.jsonl"), summary=str(tmp_path / "s.json"),
+                 histogram=str(tmp_path / "h.png"))
+    write_jsonl_atomic(tmp_path / "a.jsonl", [_record(i, 0.0) for i in range(5)])
+    with pytest.raises(DataError, match=r"1 expected ids missing .*probe-05"):
+        influence.merge_influence({}, shard_paths=[str(tmp_path / "a.jsonl")], **paths)
+    write_jsonl_atomic(tmp_path / "b.jsonl", [_record(i, 0.0) for i in (4, 5)])
+    with pytest.raises(DataError, match=r"'probe-04' appears twice"):
+        influence.merge_influence({}, shard_paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], **paths)
+    assert not (tmp_path / "o.jsonl").exists()
