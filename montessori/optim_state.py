@@ -49,21 +49,14 @@ def trainer_param_groups(model, weight_decay: float) -> list[dict]:
     ]
 
 
-def save_adamw_state(model, optimizer, lr: float, out_dir: str | os.PathLike) -> Path:
-    """Write `out_dir/optimizer_state.pt` from a (possibly accelerate-wrapped) torch AdamW.
+def _is_distributed() -> bool:
+    import torch.distributed as dist
 
-    `lr` is the learning rate in force at the end of training (the one the influence step uses).
-    Param groups may differ in weight decay (HF Trainer puts biases and norms in a group with
-    weight decay 0); they must agree on betas and eps. Returns the file written.
-    """
-    import torch
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    optimizer = _unwrap_optimizer(optimizer)
-    model = _unwrap_model(model)
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"save_adamw_state: lr must be a finite number >= 0, got {lr!r}")
-    names = {id(param): name for name, param in model.named_parameters()}
-    groups = optimizer.param_groups
+
+def _hyperparameters(groups: list[dict]) -> tuple[tuple, float, float]:
+    """(betas, eps, weight decay) shared by every param group, or ValueError if not representable."""
     for option, bad in (("amsgrad", True), ("maximize", True)):
         if any(group.get(option, False) == bad for group in groups):
             raise ValueError(f"save_adamw_state: {option}={bad} is not representable in {STATE_FILE}")
@@ -78,9 +71,17 @@ def save_adamw_state(model, optimizer, lr: float, out_dir: str | os.PathLike) ->
             f"save_adamw_state: weight decays {sorted(decays)}: only one nonzero value (plus 0 for "
             f"the no-decay group) is representable"
         )
+    return betas.pop(), epss.pop(), weight_decay
 
-    exp_avg, exp_avg_sq, no_decay, steps = {}, {}, [], set()
-    for group in groups:
+
+def _local_state(model, optimizer) -> tuple[list[tuple[float, list[str]]], dict]:
+    """([(weight decay, param names)] per group, {name: AdamW state}) of an optimizer in this process."""
+    import torch
+
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups, states = [], {}
+    for group in optimizer.param_groups:
+        group_names = []
         for param in group["params"]:
             if id(param) not in names:
                 raise ValueError(
@@ -88,29 +89,84 @@ def save_adamw_state(model, optimizer, lr: float, out_dir: str | os.PathLike) ->
                     "does not (sharded or flattened parameters are not supported)"
                 )
             name = names[id(param)]
-            if group["weight_decay"] != weight_decay:
-                no_decay.append(name)
+            group_names.append(name)
             state = optimizer.state.get(param)
-            if not state:
-                # Never stepped (no gradient ever reached it): AdamW left it untouched too.
-                continue
-            steps.add(int(state["step"].item() if torch.is_tensor(state["step"]) else state["step"]))
-            exp_avg[name] = state["exp_avg"].detach().to("cpu", torch.float32).clone()
-            exp_avg_sq[name] = state["exp_avg_sq"].detach().to("cpu", torch.float32).clone()
+            if state:
+                states[name] = {
+                    "step": state["step"],
+                    "exp_avg": state["exp_avg"].detach().to("cpu", torch.float32).clone(),
+                    "exp_avg_sq": state["exp_avg_sq"].detach().to("cpu", torch.float32).clone(),
+                }
+        groups.append((float(group["weight_decay"]), group_names))
+    return groups, states
+
+
+def _gathered_state(model, optimizer) -> tuple[list[tuple[float, list[str]]], dict] | None:
+    """`_local_state` assembled from every process (FSDP shards, or DDP replicas): a collective
+    that every process must enter; the full state lands on rank 0 only, in host memory, and the
+    other ranks get None. `model` is the wrapped model the optimizer trains (DDP, FSDP or FSDP2):
+    torch maps the wrapper's parameter names to the bare ones `named_parameters()` gives."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    gathered = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    groups = [(float(group["weight_decay"]), list(group["params"])) for group in gathered["param_groups"]]
+    states = {
+        name: {"step": state["step"], "exp_avg": state["exp_avg"].to(torch.float32),
+               "exp_avg_sq": state["exp_avg_sq"].to(torch.float32)}
+        for name, state in gathered["state"].items() if state
+    }
+    return groups, states
+
+
+def save_adamw_state(model, optimizer, lr: float, out_dir: str | os.PathLike) -> Path:
+    """Write `out_dir/optimizer_state.pt` from a (possibly accelerate-wrapped) torch AdamW.
+
+    `lr` is the learning rate in force at the end of training (the one the influence step uses).
+    Param groups may differ in weight decay (HF Trainer puts biases and norms in a group with
+    weight decay 0); they must agree on betas and eps. Returns the file written.
+
+    Under a multi-process launch (torch.distributed initialized, world size > 1) every process
+    must call this with its wrapped model: the state is gathered from all of them and rank 0
+    alone writes the file (the same file as one process would write).
+    """
+    import torch
+
+    optimizer = _unwrap_optimizer(optimizer)
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"save_adamw_state: lr must be a finite number >= 0, got {lr!r}")
+    betas, eps, weight_decay = _hyperparameters(optimizer.param_groups)
+    path = Path(out_dir) / STATE_FILE
+    if _is_distributed():
+        collected = _gathered_state(model, optimizer)
+        if collected is None:
+            return path
+        groups, states = collected
+    else:
+        groups, states = _local_state(_unwrap_model(model), optimizer)
+
+    no_decay = [name for decay, names in groups if decay != weight_decay for name in names]
+    steps = {int(s["step"].item() if torch.is_tensor(s["step"]) else s["step"]) for s in states.values()}
     if len(steps) > 1:
         raise ValueError(f"save_adamw_state: parameters were stepped different numbers of times {sorted(steps)}")
-
     state = {
         "step": steps.pop() if steps else 0,
         "lr": float(lr),
-        "betas": betas.pop(),
-        "eps": epss.pop(),
+        "betas": betas,
+        "eps": eps,
         "weight_decay": weight_decay,
         "no_decay": sorted(no_decay),
-        "exp_avg": exp_avg,
-        "exp_avg_sq": exp_avg_sq,
+        # Parameters absent from the optimizer state never had a gradient: AdamW left them untouched too.
+        "exp_avg": {name: s["exp_avg"] for name, s in states.items()},
+        "exp_avg_sq": {name: s["exp_avg_sq"] for name, s in states.items()},
     }
-    path = Path(out_dir) / STATE_FILE
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path

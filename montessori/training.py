@@ -11,6 +11,12 @@ the last *complete* one (the trainer writes `trainer_state.json` last). `out_dir
 a fingerprint of settings, inputs and model: checkpoints from other settings are never resumed.
 `out_dir/training_complete.json` (after the final model is saved) lets a run killed between the
 final save and the `done` card finish without training again.
+
+Several processes (`accelerate launch`, DDP or FSDP: see rules/common.smk `training_launcher`)
+all run the same stage function. Rank 0 alone claims `out_dir` and tells the others what it
+decided, and alone writes files and cards; saving the model and the optimizer state are
+collectives every rank enters (under FSDP each holds only a shard), and every rank waits until
+the model is completely saved before the card announces it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from pathlib import Path
 
 from .chat import IGNORE_INDEX, encode_pair
-from .errors import ConfigError, DataError, ModelError
+from .errors import ConfigError, DataError, ModelError, MontessoriError
 from .io import atomic_path, read_json, read_jsonl, write_json_atomic
 from .models import load_causal_lm, load_tokenizer, model_path, write_model_card
 from .schedules import make_scheduler
@@ -36,6 +42,35 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 COMPLETE_FILE = "training_complete.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# --- processes ------------------------------------------------------------------------------
+
+def _world_size() -> int:
+    # Set by accelerate launch / torchrun for every process they start; absent for a plain run.
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _process_state():
+    """accelerate's process state (it joins the process group) under a launch of several
+    processes; None for one process, which then never touches torch.distributed."""
+    if _world_size() == 1:
+        return None
+    from accelerate import PartialState
+
+    # The device choice the trainer makes (`_mixed_precision`): gloo between CPU processes.
+    return PartialState(cpu=_mixed_precision()["use_cpu"])
+
+
+def _is_main_process() -> bool:
+    state = _process_state()
+    return state is None or state.is_main_process
+
+
+def _wait_for_everyone() -> None:
+    state = _process_state()
+    if state is not None:
+        state.wait_for_everyone()
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -51,7 +86,7 @@ def _accumulation_steps(settings: dict, section: str) -> int:
     """Gradient accumulation so that batch_size x accumulation x processes = effective_batch."""
     batch_size = _positive_int(settings, "batch_size", section)
     effective = _positive_int(settings, "effective_batch", section, batch_size)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = _world_size()
     per_step = batch_size * processes
     if effective % per_step:
         raise ConfigError(
@@ -156,6 +191,29 @@ def _claim_out_dir(out_dir: Path, fingerprint: str) -> str | None:
     return None
 
 
+def _claim_out_dir_once(out_dir: Path, fingerprint: str) -> str | None:
+    """`_claim_out_dir` decided by rank 0 alone (it may delete stale checkpoints), its answer or
+    error passed to every rank, so that all resume from the same checkpoint or all stop."""
+    state = _process_state()
+    if state is None:
+        return _claim_out_dir(out_dir, fingerprint)
+    from accelerate.utils import broadcast_object_list
+
+    if not state.is_main_process:
+        # Every rank runs the same steps: one copy of the stage's log is enough.
+        log.setLevel(logging.WARNING)
+    decision = [None, None]
+    if state.is_main_process:
+        try:
+            decision[0] = _claim_out_dir(out_dir, fingerprint)
+        except MontessoriError as err:
+            decision[1] = err
+    broadcast_object_list(decision)
+    if decision[1] is not None:
+        raise decision[1]
+    return decision[0]
+
+
 def _finish_out_dir(out_dir: Path, record: dict) -> None:
     write_json_atomic(out_dir / COMPLETE_FILE, record)
     for checkpoint in _checkpoints(out_dir):
@@ -218,7 +276,19 @@ def _scheduled(trainer_cls):
     return Scheduled
 
 
+def _check_full_state_dict(trainer) -> None:
+    """Under FSDP the trainer saves a loadable model only from a FULL_STATE_DICT: with sharded
+    state dicts `save_model` writes nothing, and the done card would announce no model."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        raise ConfigError(
+            f"config key 'compute.accelerate_config': FSDP must save FULL_STATE_DICT "
+            f"(fsdp_state_dict_type), got {plugin.state_dict_type}"
+        )
+
+
 def _run(trainer, resume: str | None, stage: str, section: str) -> dict:
+    _check_full_state_dict(trainer)
     started_step = 0
     if resume:
         started_step = read_json(Path(resume) / "trainer_state.json")["global_step"]
@@ -239,10 +309,6 @@ def _run(trainer, resume: str | None, stage: str, section: str) -> dict:
         "seconds_per_step": round(seconds / max(1, steps - started_step), 4),
         "history": history,
     }
-
-
-def _unwrapped(trainer):
-    return trainer.accelerator.unwrap_model(trainer.model)
 
 
 def _tokenizer_with_template(path: str, chat_template: str | None):
@@ -301,24 +367,33 @@ def build_sft_trainer(stage: str, section: str, settings: dict, model_dir: str, 
 
 def _sft(stage: str, section: str, settings: dict, student: str, data: str, out_dir: Path,
          default_schedule) -> tuple:
-    """Train (or resume, or find finished) one SFT run; returns (trainer or None, record, tokenizer)."""
+    """Train (or resume, or find finished) one SFT run; returns (trainer or None, record)."""
     path = model_path(student)
     tokenizer = _tokenizer_with_template(path, settings.get("chat_template"))
-    resume = _claim_out_dir(out_dir, _fingerprint(stage, settings, path, data))
+    resume = _claim_out_dir_once(out_dir, _fingerprint(stage, settings, path, data))
     if resume == "complete":
         log.info("%s: %s already holds the trained model", stage, out_dir)
-        return None, read_json(out_dir / COMPLETE_FILE), tokenizer
+        return None, read_json(out_dir / COMPLETE_FILE)
     trainer = build_sft_trainer(stage, section, settings, path, tokenizer, data, out_dir, default_schedule)
-    return trainer, _run(trainer, resume, stage, section), tokenizer
+    return trainer, _run(trainer, resume, stage, section)
 
 
-def _save_model(model, tokenizer, out_dir: Path) -> None:
+def _save_model(trainer, out_dir: Path) -> None:
+    """The trained weights and the tokenizer (the trainer's processing class), from every rank:
+    under FSDP the trainer gathers the FULL_STATE_DICT (envs/accelerate_fsdp.yaml) from all of
+    them, and rank 0 writes it."""
     import torch
 
-    if any(p.dtype != torch.float32 for p in model.parameters()):
+    if any(p.dtype != torch.float32 for p in trainer.model.parameters()):
         raise ModelError(f"{out_dir}: refusing to save non-fp32 weights")
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    trainer.save_model(str(out_dir))
+
+
+def _announce(done: str, out_dir: Path, stage: str, steps: int) -> None:
+    """The done card, written by rank 0 once every rank is past saving what it announces."""
+    _wait_for_everyone()
+    if _is_main_process():
+        write_model_card(done, out_dir, stage=stage, steps=steps)
 
 
 def warmup(settings: dict, student: str, data: str, out_dir: str, done: str) -> None:
@@ -330,29 +405,31 @@ def warmup(settings: dict, student: str, data: str, out_dir: str, done: str) -> 
     from .optim_state import save_adamw_state
 
     out_dir = Path(out_dir)
-    trainer, record, tokenizer = _sft("warmup", "warmup", settings, student, data, out_dir, "linear_warmup")
+    trainer, record = _sft("warmup", "warmup", settings, student, data, out_dir, "linear_warmup")
     if trainer is not None:
-        model = _unwrapped(trainer)
-        _save_model(model, tokenizer, out_dir)
+        _save_model(trainer, out_dir)
         lr_at_end = trainer.lr_scheduler.get_last_lr()[0]
-        save_adamw_state(model, trainer.optimizer, lr_at_end, out_dir)
+        save_adamw_state(trainer.model_wrapped, trainer.optimizer, lr_at_end, out_dir)
         record["lr_at_end"] = lr_at_end
-        _finish_out_dir(out_dir, record)
+        if _is_main_process():
+            _finish_out_dir(out_dir, record)
         log.info("warmup: %d steps, final loss %s, lr in force at the end %g", record["steps"],
                  record["history"][-1]["loss"] if record["history"] else None, lr_at_end)
-    write_model_card(done, out_dir, stage="warmup", steps=record["steps"])
+    _announce(done, out_dir, "warmup", record["steps"])
 
 
 def train_sft(settings: dict, student: str, data: str, out_dir: str, done: str, loss_json: str,
               loss_png: str) -> None:
     """Stage `sft_student`: settings = config `sft` + seed + chat_template."""
     out_dir = Path(out_dir)
-    trainer, record, tokenizer = _sft("sft", "sft", settings, student, data, out_dir, "wsd")
+    trainer, record = _sft("sft", "sft", settings, student, data, out_dir, "wsd")
     if trainer is not None:
-        _save_model(_unwrapped(trainer), tokenizer, out_dir)
-        _finish_out_dir(out_dir, record)
-    write_loss_curve(record, loss_json, loss_png, f"student SFT ({Path(data).name})")
-    write_model_card(done, out_dir, stage="sft", steps=record["steps"])
+        _save_model(trainer, out_dir)
+        if _is_main_process():
+            _finish_out_dir(out_dir, record)
+    if _is_main_process():
+        write_loss_curve(record, loss_json, loss_png, f"student SFT ({Path(data).name})")
+    _announce(done, out_dir, "sft", record["steps"])
 
 
 # --- DPO ------------------------------------------------------------------------------------
@@ -390,6 +467,10 @@ def _dpo_trainer_cls():
             )
             if args.max_length is not None:
                 kept = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+                if not len(kept):
+                    longest = max(len(row["prompt_ids"]) for row in dataset)
+                    raise ConfigError(f"config key 'dpo.max_length' ({args.max_length}): every pair's prompt "
+                                      f"alone fills it (longest prompt {longest} tokens); raise it")
                 if len(kept) < len(dataset):
                     log.warning("dpo: %d pairs whose prompt alone fills max_length=%d are skipped",
                                 len(dataset) - len(kept), args.max_length)
@@ -435,16 +516,18 @@ def train_dpo(settings: dict, teacher: str, pairs: str, out_dir: str, done: str,
     """Stage `dpo_teacher`: settings = config `dpo` + seed (+ chat_template, for a teacher without one)."""
     out_dir = Path(out_dir)
     path = model_path(teacher)
-    resume = _claim_out_dir(out_dir, _fingerprint("dpo", settings, path, pairs))
+    resume = _claim_out_dir_once(out_dir, _fingerprint("dpo", settings, path, pairs))
     if resume == "complete":
         log.info("dpo: %s already holds the trained teacher", out_dir)
         record = read_json(out_dir / COMPLETE_FILE)
     else:
-        trainer, tokenizer = build_dpo_trainer(settings, path, pairs, out_dir)
+        trainer, _ = build_dpo_trainer(settings, path, pairs, out_dir)
         log.info("dpo: %d pairs, beta %g, lr %g", len(trainer.train_dataset), trainer.args.beta,
                  trainer.args.learning_rate)
         record = _run(trainer, resume, "dpo", "dpo")
-        _save_model(_unwrapped(trainer), tokenizer, out_dir)
-        _finish_out_dir(out_dir, record)
-    write_loss_curve(record, loss_json, loss_png, "teacher DPO")
-    write_model_card(done, out_dir, stage="dpo", steps=record["steps"])
+        _save_model(trainer, out_dir)
+        if _is_main_process():
+            _finish_out_dir(out_dir, record)
+    if _is_main_process():
+        write_loss_curve(record, loss_json, loss_png, "teacher DPO")
+    _announce(done, out_dir, "dpo", record["steps"])

@@ -280,3 +280,20 @@ def test_dpo_trains_the_teacher_end_to_end(tmp_path, bos_teacher):
     assert weights(path).keys() == before.keys()
     assert all(torch.equal(weights(path)[name], before[name]) for name in before)    # the input teacher is untouched
     assert load_tokenizer(str(out_dir)).chat_template == load_tokenizer(path).chat_template
+
+
+def test_dpo_refuses_prompts_longer_than_max_length(tmp_path, tiny_model_dir):
+    import json
+
+    from montessori.errors import ConfigError
+    from montessori.models import write_model_card
+    from montessori.training import train_dpo
+
+    card = tmp_path / "teacher.json"
+    write_model_card(card, tiny_model_dir)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "word " * 80, "chosen": "yes", "rejected": "no"}) + "\n")
+    settings = {"beta": 0.1, "lr": 1e-6, "batch_size": 1, "effective_batch": 1, "max_length": 32, "seed": 0}
+    with pytest.raises(ConfigError, match="dpo.max_length"):
+        train_dpo(settings, str(card), str(pairs), str(tmp_path / "out"), str(tmp_path / "done"),
+                  str(tmp_path / "loss.json"), str(tmp_path / "loss.png"))
