@@ -21,6 +21,7 @@ SYNTH_SHARDS = list(range(config["synthesis"]["shards"]))
 INFLUENCE_SHARDS = list(range(config["influence"]["shards"]))
 GPUS = config["compute"]["gpus"]
 TRAINING_GPUS = config["compute"]["training_gpus"]
+THREADS = config["compute"]["threads"]
 REPORT = f"{R}/report.md"
 
 SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api)/train"

@@ -50,7 +50,7 @@ rule eval_alpaca_generate:
         f"{LOGS}/eval/{{student}}/alpaca_generate.log",
     benchmark:
         f"{BENCH}/eval/{{student}}/alpaca_generate.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=32000,
         runtime=120,
@@ -80,7 +80,7 @@ rule eval_alpaca_judge:
         f"{LOGS}/eval/{{student}}/alpaca_judge.log",
     benchmark:
         f"{BENCH}/eval/{{student}}/alpaca_judge.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=32000,
         runtime=120,
@@ -104,7 +104,7 @@ rule eval_mt_bench_generate:
         f"{LOGS}/eval/{{student}}/mt_bench_generate.log",
     benchmark:
         f"{BENCH}/eval/{{student}}/mt_bench_generate.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=32000,
         runtime=120,
@@ -132,7 +132,7 @@ rule eval_mt_bench_judge:
         f"{LOGS}/eval/{{student}}/mt_bench_judge.log",
     benchmark:
         f"{BENCH}/eval/{{student}}/mt_bench_judge.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=32000,
         runtime=120,
@@ -156,7 +156,7 @@ rule eval_lm_eval:
         f"{LOGS}/eval/{{student}}/lm_eval.log",
     benchmark:
         f"{BENCH}/eval/{{student}}/lm_eval.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=32000,
         runtime=240,

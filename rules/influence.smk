@@ -40,7 +40,7 @@ rule warmup:
         f"{LOGS}/round{{k}}/warmup.log",
     benchmark:
         f"{BENCH}/round{{k}}/warmup.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=lambda w, attempt: 32000 * attempt,
         runtime=240,
@@ -69,7 +69,7 @@ rule influence:
         f"{LOGS}/round{{k}}/influence.shard-{{shard}}.log",
     benchmark:
         f"{BENCH}/round{{k}}/influence.shard-{{shard}}.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=lambda w, attempt: 32000 * attempt,
         runtime=480,

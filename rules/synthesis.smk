@@ -35,7 +35,7 @@ rule synth_instructions:
         f"{LOGS}/round{{k}}/{{set}}/synth_instructions.shard-{{shard}}.log",
     benchmark:
         f"{BENCH}/round{{k}}/{{set}}/synth_instructions.shard-{{shard}}.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=32000,
         runtime=240,
@@ -89,7 +89,7 @@ rule synth_responses:
         f"{LOGS}/round{{k}}/{{set}}/synth_responses.shard-{{shard}}.log",
     benchmark:
         f"{BENCH}/round{{k}}/{{set}}/synth_responses.shard-{{shard}}.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=32000,
         runtime=240,

@@ -42,7 +42,7 @@ rule dpo_teacher:
         f"{LOGS}/round{{k}}/dpo_teacher.log",
     benchmark:
         f"{BENCH}/round{{k}}/dpo_teacher.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=lambda w, attempt: 64000 * attempt,
         runtime=720,
@@ -72,7 +72,7 @@ rule sft_student:
         f"{LOGS}/round{{k}}/{{method}}/sft_student.log",
     benchmark:
         f"{BENCH}/round{{k}}/{{method}}/sft_student.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=lambda w, attempt: 64000 * attempt,
         runtime=1440,
