@@ -1,0 +1,163 @@
+"""The pipeline as a user runs it: the DAG of a dry run, the tiny config end to end, a second run
+with nothing to do, and a student swap that replans only what depends on the student."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+
+import pytest
+import yaml
+from pipeline_helpers import (
+    LOCAL_CORES,
+    ROOT,
+    TINY,
+    TINY_RESULTS,
+    finished_tiny_run,  # noqa: F401 (a fixture, shared by the session)
+    job_stats,
+    make_workdir,
+    output_mtimes,
+    planned_jobs,
+    read_jsonl,
+    run_snakemake,
+)
+
+from montessori.config import load_config
+
+STUDENTS = ["base", "montessori-round1", "self_instruct-round1"]
+EVAL_RULES = ("eval_alpaca_generate", "eval_alpaca_judge", "eval_mt_bench_generate", "eval_mt_bench_judge",
+              "eval_lm_eval")
+
+
+def expected_job_counts(config: dict) -> dict[str, int]:
+    rounds, methods = config["rounds"], config["methods"]
+    sets = rounds * (1 + len(methods))            # the probes and one training set per method, each round
+    synth_shards = config["synthesis"]["shards"]
+    students = 1 + rounds * len(methods)
+    counts = {
+        "prepare_model": 2 + (config["evaluation"]["judge"]["type"] == "local"),
+        "seed_pool": 1, "reference_set": 1,
+        "synth_instructions": sets * synth_shards, "merge_instructions": sets,
+        "synth_responses": sets * synth_shards, "merge_responses": sets,
+        "split_probes": rounds, "warmup": rounds, "influence": rounds * config["influence"]["shards"],
+        "merge_influence": rounds, "preference_pairs": rounds, "dpo_teacher": rounds,
+        "sft_student": rounds * len(methods), "report": 1, "all": 1,
+    }
+    return counts | {rule: students for rule in EVAL_RULES}
+
+
+def test_dry_run_draws_the_whole_dag(tmp_path):
+    workdir = make_workdir(tmp_path / "work")
+    config = load_config(ROOT / "config.yaml")
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run")
+    assert dry.returncode == 0, dry.stdout
+
+    assert job_stats(dry.stdout) == expected_job_counts(config)
+    jobs = planned_jobs(dry.stdout)
+    assert sum(job_stats(dry.stdout).values()) == len(jobs)
+    sets = ["probes"] + [f"{method}/train" for method in config["methods"]]
+    synth_shards = [str(shard) for shard in range(config["synthesis"]["shards"])]
+    for rule in ("synth_instructions", "synth_responses"):
+        shards = sorted((job.wildcards["set"], job.wildcards["shard"]) for job in jobs if job.rule == rule)
+        assert shards == sorted(itertools.product(sets, synth_shards)), rule
+    for rule in ("merge_instructions", "merge_responses"):
+        assert sorted(job.wildcards["set"] for job in jobs if job.rule == rule) == sorted(sets)
+    influence_shards = sorted(job.wildcards["shard"] for job in jobs if job.rule == "influence")
+    assert influence_shards == [str(shard) for shard in range(config["influence"]["shards"])]
+    assert sorted(job.wildcards["method"] for job in jobs if job.rule == "sft_student") == sorted(config["methods"])
+    for rule in EVAL_RULES:
+        assert sorted(job.wildcards["student"] for job in jobs if job.rule == rule) == STUDENTS, rule
+    assert not (workdir / "results").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.slow
+def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):  # noqa: F811 (fixture)
+    results = finished_tiny_run.results
+    with open(results / "report.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["student"] for row in rows] == STUDENTS
+    columns = list(rows[0])
+    for benchmark in ("alpaca_eval", "mt_bench", "lm_eval"):
+        benchmark_columns = [c for c in columns if c.startswith(f"{benchmark}.")]
+        assert benchmark_columns, f"report.csv has no {benchmark} column: {columns}"
+        for row in rows:
+            assert any(row[c] != "" for c in benchmark_columns), f"{row['student']} has no {benchmark} value: {row}"
+
+    report = (results / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| student |"))
+    for benchmark in ("alpaca_eval.", "mt_bench.", "lm_eval."):
+        assert benchmark in header
+    for student in STUDENTS:
+        assert f"\n| {student} |" in report
+    assert list((results / "figures").glob("*.png")), "the report draws figures"
+
+
+@pytest.mark.slow
+def test_every_jsonl_output_parses(finished_tiny_run):  # noqa: F811 (fixture)
+    results = finished_tiny_run.results
+    paths = sorted(results.rglob("*.jsonl"))
+    assert not list(results.rglob("*.partial")), "every shard finished and was renamed"
+    names = {str(path.relative_to(results)) for path in paths}
+    for expected in ("seed_pool.jsonl", "reference.jsonl", "round1/probes/instructions.jsonl",
+                     "round1/probes/warmup.jsonl", "round1/probes/probing.jsonl", "round1/influence/influence.jsonl",
+                     "round1/pairs.jsonl", "round1/montessori/train/responses.jsonl",
+                     "round1/self_instruct/train/responses.jsonl"):
+        assert expected in names
+    for path in paths:
+        records = read_jsonl(path)
+        assert all(isinstance(record, dict) for record in records), path
+    for name in ("round1/probes/probing.jsonl", "round1/influence/influence.jsonl",
+                 "round1/montessori/train/responses.jsonl"):
+        assert read_jsonl(results / name), f"{name} is empty"
+    probing = {record["id"] for record in read_jsonl(results / "round1/probes/probing.jsonl")}
+    assert {record["id"] for record in read_jsonl(results / "round1/influence/influence.jsonl")} == probing
+
+
+@pytest.mark.slow
+def test_a_second_identical_run_has_nothing_to_do(finished_tiny_run):  # noqa: F811 (fixture)
+    workdir = finished_tiny_run.workdir
+    before = output_mtimes(workdir)
+    again = run_snakemake(workdir, *LOCAL_CORES, *TINY)
+    assert again.returncode == 0, again.stdout
+    assert "Nothing to be done" in again.stdout
+    assert output_mtimes(workdir) == before
+
+
+def expected_after_student_swap(config: dict) -> set:
+    """Everything downstream of the student: its warm-up and influence, the pairs and the teacher's
+    DPO they feed, the DPO'd teacher's training set, every SFT, every evaluation, the report."""
+    k = {"k": "1"}
+    trained_set = "montessori/train"
+    jobs = [("prepare_model", {"role": "student"}), ("warmup", k), ("merge_influence", k),
+            ("preference_pairs", k), ("dpo_teacher", k), ("report", {}), ("all", {}),
+            ("merge_instructions", k | {"set": trained_set}), ("merge_responses", k | {"set": trained_set})]
+    jobs += [("influence", k | {"shard": str(s)}) for s in range(config["influence"]["shards"])]
+    jobs += [(rule, k | {"set": trained_set, "shard": str(s)})
+             for rule in ("synth_instructions", "synth_responses") for s in range(config["synthesis"]["shards"])]
+    jobs += [("sft_student", k | {"method": method}) for method in config["methods"]]
+    jobs += [(rule, {"student": student}) for rule in EVAL_RULES for student in STUDENTS]
+    return {(rule, tuple(sorted(wildcards.items()))) for rule, wildcards in jobs}
+
+
+@pytest.mark.slow
+def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run, tmp_path):  # noqa: F811 (fixture)
+    workdir = finished_tiny_run.workdir
+    # The same weights under another name: a local directory is a different student to the config.
+    student = tmp_path / "student-copy"
+    student.mkdir()
+    for item in (ROOT / "resources" / "models" / "smollm2-135m-instruct").iterdir():
+        (student / item.name).symlink_to(item)
+    swap = tmp_path / "swap.yaml"
+    swap.write_text(yaml.safe_dump({"models": {"student": str(student)}}))
+    config = load_config(ROOT / "config.yaml", ROOT / "tests" / "configs" / "tiny.yaml", swap)
+
+    dry = run_snakemake(workdir, "--dry-run", *TINY, str(swap))
+    assert dry.returncode == 0, dry.stdout
+    planned = {job.key: job for job in planned_jobs(dry.stdout)}
+    expected = expected_after_student_swap(config)
+    unexpected = {key: planned[key].reason for key in set(planned) - expected}
+    assert not unexpected, f"the swap replans jobs that do not depend on the student: {unexpected}"
+    assert not expected - set(planned), f"jobs downstream of the student not replanned: {expected - set(planned)}"
+    # The teacher-only sets: the probes and the untrained teacher's self_instruct training set.
+    assert not [key for key in planned if dict(key[1]).get("set") in ("probes", "self_instruct/train")]
+    assert (workdir / TINY_RESULTS / "models" / "student.json").read_text().count("student-copy") == 0

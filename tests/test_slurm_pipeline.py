@@ -1,0 +1,96 @@
+"""The pipeline itself on a real SLURM: the tiny config, every rule kind (generation and influence
+shards, merges, training, evaluation, the report), submitted with `sbatch` through the project's
+own `profiles/slurm` on the one-node loopback cluster of tests/slurm_cluster.py.
+
+The config asks for one GPU per job (`compute.gpus`, `compute.training_gpus`), so GPU rules keep
+their GPU requests and are scheduled on the node's fake typed GPUs; nothing runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+from pipeline_helpers import (
+    TINY,
+    TINY_RESULTS,
+    make_workdir,
+    pipeline_env,
+    planned_jobs,
+    run_snakemake,
+)
+from slurm_cluster import LOOPBACK_OVERRIDES, SUBMITTED, slurm_cluster  # noqa: F401 (fixture)
+
+ONE_GPU_PER_JOB = {"compute": {"gpus": 1, "training_gpus": 1}}
+RULE_KINDS = {
+    "generation shard": {"synth_instructions", "synth_responses"},
+    "influence shard": {"influence"},
+    "merge": {"merge_instructions", "merge_responses", "merge_influence"},
+    "training": {"warmup", "dpo_teacher", "sft_student"},
+    "evaluation": {"eval_alpaca_generate", "eval_alpaca_judge", "eval_mt_bench_generate", "eval_mt_bench_judge",
+                   "eval_lm_eval"},
+    "report": {"report"},
+}
+RUN_TIMEOUT = 2400
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):  # noqa: F811 (fixture)
+    cluster = slurm_cluster
+    workdir = make_workdir(tmp_path_factory.mktemp("slurm-run"))
+    (workdir / "gpus.yaml").write_text(yaml.safe_dump(ONE_GPU_PER_JOB))
+    # The site's variables and a clean GPU environment from the cluster, the venv first on PATH.
+    env = cluster.env() | {key: pipeline_env()[key] for key in ("PATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    started = time.monotonic()
+    # The node advertises 40 CPUs, but every job runs on this machine's 2 cores: one torch thread
+    # per job keeps the jobs running side by side from spinning against each other.
+    run = run_snakemake(workdir, "--profile", "profiles/slurm", *LOOPBACK_OVERRIDES, "--max-threads", "1",
+                        *TINY, "gpus.yaml",
+                        env=env, timeout=RUN_TIMEOUT, log=workdir / "snakemake.log")
+    seconds = time.monotonic() - started
+    print(f"tiny pipeline through SLURM: {seconds:.0f} s in {workdir}")
+    assert run.returncode == 0, run.stdout[-8000:]
+    return cluster, workdir, run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_every_job_of_the_pipeline_runs_through_sbatch(slurm_run):
+    cluster, workdir, output = slurm_run
+    assert (workdir / TINY_RESULTS / "report.md").exists()
+    jobs = {job.jobid: job for job in planned_jobs(output)}
+    submitted = dict(SUBMITTED.findall(output))          # Snakemake job id -> SLURM job id
+    # `all` only collects the report: Snakemake runs such a rule itself, without a job script.
+    assert set(submitted) == {jobid for jobid, job in jobs.items() if job.rule != "all"}
+    submitted_rules = {jobs[jobid].rule for jobid in submitted}
+    for kind, rules in RULE_KINDS.items():
+        assert rules <= submitted_rules, f"{kind} rules {rules - submitted_rules} did not go through sbatch"
+
+    finished = cluster.finished_jobs()
+    for jobid, slurm_id in submitted.items():
+        record = finished.get(slurm_id)
+        assert record is not None, f"SLURM has no record of job {slurm_id} ({jobs[jobid].rule})"
+        assert record["JobState"] == "COMPLETED", record
+        assert record["WorkDir"] == str(workdir)
+        # The rules' memory requests (up to 64 GB for DPO/SFT) reached SLURM and were scheduled.
+        assert f"mem={jobs[jobid].resources['mem_mb']}M" in record["Tres"], (jobs[jobid].rule, record["Tres"])
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_jobs_that_ask_for_a_gpu_get_the_gpu_partition_and_model(slurm_run):
+    cluster, _, output = slurm_run
+    jobs = {job.jobid: job for job in planned_jobs(output)}
+    finished = cluster.finished_jobs()
+    misplaced = {}
+    for jobid, slurm_id in SUBMITTED.findall(output):
+        job = jobs[jobid]
+        wants_gpu = int(job.resources.get("gpu", 0)) > 0
+        expected = (cluster.gpu_partition, cluster.gpu_model) if wants_gpu else (cluster.cpu_partition, None)
+        placed = (finished[slurm_id]["Partition"], job.resources.get("gpu_model"))
+        if placed != expected:
+            misplaced[f"{job.rule} {job.wildcards}"] = placed
+    assert not misplaced, f"jobs in the wrong partition (or without the GPU model) for their GPU request: {misplaced}"
+    training = [job for job in jobs.values() if job.rule in RULE_KINDS["training"]]
+    assert training and all(job.resources.get("gpu") == "1" for job in training)
