@@ -73,3 +73,15 @@ def test_merge_shards_checks_completeness(tmp_path):
 def test_write_json_atomic_round_trip(tmp_path):
     write_json_atomic(tmp_path / "s.json", {"a": [1, 2]})
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": [1, 2]}
+
+
+def test_atomic_outputs_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "shared.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o644

@@ -8,6 +8,7 @@ their GPU requests and are scheduled on the node's fake typed GPUs; nothing runs
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -33,6 +34,14 @@ RULE_KINDS = {
     "report": {"report"},
 }
 RUN_TIMEOUT = 2400
+MB_PER_UNIT = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}
+
+
+def tres_mem_mb(tres: str) -> float:
+    """The memory in a job record's TRES (`mem=32000M`, `mem=62.50G`), in MB."""
+    match = re.search(r"\bmem=([\d.]+)([KMGT])", tres)
+    assert match, f"no memory in TRES {tres!r}"
+    return float(match[1]) * MB_PER_UNIT[match[2]]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +83,7 @@ def test_every_job_of_the_pipeline_runs_through_sbatch(slurm_run):
         assert record["JobState"] == "COMPLETED", record
         assert record["WorkDir"] == str(workdir)
         # The rules' memory requests (up to 64 GB for DPO/SFT) reached SLURM and were scheduled.
-        assert f"mem={jobs[jobid].resources['mem_mb']}M" in record["Tres"], (jobs[jobid].rule, record["Tres"])
+        assert tres_mem_mb(record["Tres"]) == float(jobs[jobid].resources["mem_mb"]), (jobs[jobid].rule, record)
 
 
 @pytest.mark.slow
