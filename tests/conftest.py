@@ -49,3 +49,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.fail(f"{SHARED_DATA} is missing: the tests read the verbatim public data there")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def student(tmp_path, tiny_model_dir) -> Path:
+    """A model card for the tiny model, as the training stages receive their student."""
+    from montessori.models import write_model_card
+
+    card = tmp_path / "student.json"
+    write_model_card(card, tiny_model_dir)
+    return card

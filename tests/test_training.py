@@ -33,13 +33,6 @@ def data(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def student(tmp_path, tiny_model_dir) -> Path:
-    card = tmp_path / "student.json"
-    write_model_card(card, tiny_model_dir)
-    return card
-
-
 def run_sft(tmp_path, name, student, data, settings) -> dict:
     paths = {"out_dir": tmp_path / name, "done": tmp_path / f"{name}.done",
              "loss_json": tmp_path / f"{name}.loss.json", "loss_png": tmp_path / f"{name}.loss.png"}

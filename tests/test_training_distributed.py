@@ -27,7 +27,7 @@ from montessori import training
 from montessori.chat import chat_prompt
 from montessori.errors import ConfigError
 from montessori.io import read_json, write_jsonl_atomic
-from montessori.models import load_tokenizer, write_model_card
+from montessori.models import load_tokenizer
 from montessori.optim_state import load_adamw_state
 
 RECORDS = [{"id": f"r{i}", "instruction": f"Name the number after {i}.",
@@ -99,13 +99,6 @@ def runs(tmp_path) -> Path:
     runs.mkdir()
     write_jsonl_atomic(runs / "train.jsonl", RECORDS)
     return runs
-
-
-@pytest.fixture
-def student(tmp_path, tiny_model_dir) -> Path:
-    card = tmp_path / "student.json"
-    write_model_card(card, tiny_model_dir)
-    return card
 
 
 def weights(model_dir) -> dict:
