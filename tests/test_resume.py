@@ -154,7 +154,11 @@ def test_a_killed_generation_shard_resumes_and_matches_an_uninterrupted_run(
                     for job in planned_jobs(killed.rerun_output)}
     assert ("synth_instructions", "probes", str(1 - killed.shard)) not in resumed_jobs
     assert ("synth_instructions", "probes", str(killed.shard)) in resumed_jobs
-    assert not {rule for rule, _, _ in resumed_jobs} & {"seed_pool", "prepare_model", "reference_set"}
+    resumed_rules = {rule for rule, _, _ in resumed_jobs}
+    assert not resumed_rules & {"seed_pool", "prepare_model"}, "synthesis had their outputs before the kill"
+    # With one core, Snakemake may schedule the reference set before or after the synthesis shards.
+    if f"{TINY_RESULTS}/reference.jsonl" in killed.finished_at_kill:
+        assert "reference_set" not in resumed_rules
 
     log = shard_log(workdir, killed, "probes/synth_instructions")
     assert f"resuming from {len(killed.records_at_kill)} records" in log, log

@@ -1,16 +1,31 @@
-"""Rounds: round k+1 starts from round k's teacher and student, and a 2-round config runs."""
+"""Rounds: round k+1 starts from round k's teacher and student, and raising `rounds` on a finished
+run adds the next round without redoing the first."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
-from pipeline_helpers import LOCAL_CORES, TINY, make_workdir, read_jsonl, run_snakemake
+from pipeline_helpers import (
+    LOCAL_CORES,
+    TINY,
+    TINY_RESULTS,
+    FinishedRun,
+    finished_tiny_run,  # noqa: F401 (a fixture, shared by the session)
+    make_workdir,
+    output_mtimes,
+    planned_jobs,
+    read_jsonl,
+    run_snakemake,
+)
 
 TWO_ROUNDS = (*TINY, "tests/configs/two-rounds.yaml")
-RESULTS = "results/two-rounds"
+RESULTS = TINY_RESULTS
 ROUND2_STUDENT = f"{RESULTS}/round2/montessori/student.done"
 
 
@@ -35,12 +50,24 @@ def test_round_two_is_wired_to_round_one_models(tmp_path):
     assert f"{RESULTS}/round1/montessori/student.done" in job_inputs(out, "sft_student", "k=2, method=montessori")
 
 
+def copy_of_run(finished: FinishedRun, destination: Path) -> Path:
+    """The finished run's working directory with its files hard-linked (every stage replaces its
+    outputs by rename, so the copy never writes into the shared run) and its symlinks kept."""
+    shutil.copytree(finished.workdir, destination, symlinks=True, copy_function=os.link)
+    return destination
+
+
 @pytest.mark.slow
-def test_two_rounds_run(tmp_path):
-    workdir = make_workdir(tmp_path / "work")
+def test_a_second_round_extends_a_finished_run(tmp_path, finished_tiny_run: FinishedRun):  # noqa: F811
+    workdir = copy_of_run(finished_tiny_run, tmp_path / "work")
+    round1 = output_mtimes(workdir, f"{RESULTS}/round1")
     run = run_snakemake(workdir, *LOCAL_CORES, ROUND2_STUDENT, *TWO_ROUNDS, timeout=2400,
-                        log=workdir / "snakemake.log")
+                        log=workdir / "snakemake-round2.log")
     assert run.returncode == 0, run.stdout[-6000:]
+    planned_rounds = {job.wildcards.get("k") for job in planned_jobs(run.stdout)}
+    assert planned_rounds == {"2"}, f"adding round 2 planned jobs of rounds {planned_rounds}"
+    assert output_mtimes(workdir, f"{RESULTS}/round1") == round1, "round 1 outputs were written again"
+
     for k in (1, 2):
         assert read_jsonl(workdir / f"{RESULTS}/round{k}/pairs.jsonl")
         assert (workdir / f"{RESULTS}/round{k}/teacher/model.safetensors").exists()

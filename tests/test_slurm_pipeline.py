@@ -23,7 +23,9 @@ from pipeline_helpers import (
 )
 from slurm_cluster import LOOPBACK_OVERRIDES, SUBMITTED, slurm_cluster  # noqa: F401 (fixture)
 
-ONE_GPU_PER_JOB = {"compute": {"gpus": 1, "training_gpus": 1}}
+# One GPU per job (`compute.gpus`, `compute.training_gpus`); one method, since the Self-Instruct
+# baseline adds only more jobs of the same rule kinds (and minutes of CI).
+SLURM_RUN = {"compute": {"gpus": 1, "training_gpus": 1}, "methods": ["montessori"]}
 RULE_KINDS = {
     "generation shard": {"synth_instructions", "synth_responses"},
     "influence shard": {"influence"},
@@ -48,14 +50,14 @@ def tres_mem_mb(tres: str) -> float:
 def slurm_run(slurm_cluster, tmp_path_factory):  # noqa: F811 (fixture)
     cluster = slurm_cluster
     workdir = make_workdir(tmp_path_factory.mktemp("slurm-run"))
-    (workdir / "gpus.yaml").write_text(yaml.safe_dump(ONE_GPU_PER_JOB))
+    (workdir / "slurm-run.yaml").write_text(yaml.safe_dump(SLURM_RUN))
     # The site's variables and a clean GPU environment from the cluster, the venv first on PATH.
     env = cluster.env() | {key: pipeline_env()[key] for key in ("PATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
     started = time.monotonic()
     # The node advertises 40 CPUs, but every job runs on this machine's 2 cores: one torch thread
     # per job keeps the jobs running side by side from spinning against each other.
     run = run_snakemake(workdir, "--profile", "profiles/slurm", *LOOPBACK_OVERRIDES, "--max-threads", "1",
-                        *TINY, "gpus.yaml",
+                        *TINY, "slurm-run.yaml",
                         env=env, timeout=RUN_TIMEOUT, log=workdir / "snakemake.log")
     seconds = time.monotonic() - started
     print(f"tiny pipeline through SLURM: {seconds:.0f} s in {workdir}")
