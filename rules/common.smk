@@ -35,9 +35,16 @@ wildcard_constraints:
     role="teacher|student|judge",
 
 
-def settings(**values) -> str:
+def settings_json(**values) -> str:
     """The JSON a stage receives as --settings (quoted in the shell with :q)."""
     return json.dumps(values, sort_keys=True)
+
+
+def settings(**values):
+    """settings_json as a params function: Snakemake reads braces in a plain string param as
+    wildcards, and config values hold braces (the chat templates of the presets, prompts)."""
+    text = settings_json(**values)
+    return lambda wildcards: text
 
 
 # torch would otherwise start a thread per core of the node: on a shared cluster node, or with
@@ -94,7 +101,7 @@ def synthesis_target(set_name: str) -> int:
 
 def synthesis_settings(wildcards) -> str:
     method = wildcards.set.split("/")[0]
-    return settings(
+    return settings_json(
         **config["synthesis"],
         backend=config["backend"],
         seed=config["seed"],

@@ -5,7 +5,7 @@
 EVAL = f"{R}/eval/{{student}}"
 
 
-def eval_settings(judging: bool = False, **sections) -> str:
+def eval_settings(judging: bool = False, **sections):
     """Settings of an evaluation stage; a judge keeps its own chat template, never the student's."""
     return settings(
         seed=config["seed"],

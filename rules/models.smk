@@ -3,7 +3,7 @@ rule prepare_model:
     output:
         card=f"{R}/models/{{role}}.json",
     params:
-        settings=lambda w: settings(
+        settings=lambda w: settings_json(
             spec=config["evaluation"]["judge"]["model"] if w.role == "judge" else config["models"][w.role],
             config_key="evaluation.judge.model" if w.role == "judge" else f"models.{w.role}",
         ),

@@ -56,7 +56,7 @@ rule merge_instructions:
         instructions=f"{R}/round{{k}}/{{set}}/instructions.jsonl",
         summary=f"{R}/round{{k}}/{{set}}/instructions_summary.json",
     params:
-        settings=lambda w: settings(
+        settings=lambda w: settings_json(
             target=synthesis_target(w.set),
             filters=config["synthesis"]["filters"],
             label=f"r{w.k}-{w.set.replace('/', '-')}",
@@ -133,7 +133,7 @@ rule split_probes:
         warmup=f"{R}/round{{k}}/probes/warmup.jsonl",
         probing=f"{R}/round{{k}}/probes/probing.jsonl",
     params:
-        settings=lambda w: settings(**config["probes"], seed=config["seed"]),
+        settings=lambda w: settings_json(**config["probes"], seed=config["seed"]),
     log:
         f"{LOGS}/round{{k}}/split_probes.log",
     benchmark:

@@ -70,6 +70,24 @@ def test_dry_run_draws_the_whole_dag(tmp_path):
     assert not (workdir / "results").exists(), "a dry run writes nothing"
 
 
+@pytest.mark.parametrize("preset", ["llama3-8b", "tinyllama"])
+def test_each_preset_plans_the_whole_dag_with_its_gpus(tmp_path, preset):
+    """The paper presets, as a cluster user starts them (models and seeds by hub name; a dry run
+    loads nothing): their chat templates are literal settings, not wildcards."""
+    workdir = make_workdir(tmp_path / "work")
+    (workdir / "presets").symlink_to(ROOT / "presets")
+    config = load_config(ROOT / "config.yaml", ROOT / "presets" / f"{preset}.yaml")
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run", "--configfile", f"presets/{preset}.yaml")
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    assert job_stats(dry.stdout) == expected_job_counts(config)
+    jobs = planned_jobs(dry.stdout)
+    compute = config["compute"]
+    influence_gpus = {job.resources.get("gpu") for job in jobs if job.rule == "influence"}
+    assert influence_gpus == {str(compute["gpus"] * config["influence"]["gpus_per_shard"])}
+    training_gpus = {job.resources.get("gpu") for job in jobs if job.rule in ("warmup", "dpo_teacher", "sft_student")}
+    assert training_gpus == {str(compute["training_gpus"])}
+
+
 @pytest.mark.slow
 def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):  # noqa: F811 (fixture)
     results = finished_tiny_run.results
