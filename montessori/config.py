@@ -67,6 +67,9 @@ def _check_consistency(config: dict, source: str) -> None:
     if config["probes"]["probing_size"] < config["influence"]["shards"]:
         fail("influence.shards", f"{config['influence']['shards']} shards but only "
              f"{config['probes']['probing_size']} probing examples (probes.probing_size): some shards would be empty")
+    if config["influence"]["gpus_per_shard"] > 1 and config["compute"]["gpus"] == 0:
+        fail("influence.gpus_per_shard", "a shard over several GPUs needs compute.gpus >= 1 "
+             "(each influence job asks for compute.gpus x gpus_per_shard GPUs)")
     if "self_instruct_api" in config["methods"]:
         teacher = config["external_teacher"]
         if not teacher["base_url"] or not teacher["model"]:

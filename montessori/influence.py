@@ -104,7 +104,7 @@ def response_nll(model, batch: dict):
     import torch.nn.functional as F
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
+    targets = batch["labels"][:, 1:].to(logits.device)  # the head's device when layers span GPUs
     scored = targets != IGNORE_INDEX
     logits = logits[:, :-1][scored]
     per_token = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[scored],
@@ -131,7 +131,7 @@ def reference_loss(model, batches: list[dict]) -> float:
 
 @dataclass
 class WarmupState:
-    """The warm-up's AdamW state on the scoring device, keyed by parameter name."""
+    """The warm-up's AdamW state, keyed by parameter name, each moment on its parameter's device."""
 
     step: int
     lr: float
@@ -143,17 +143,17 @@ class WarmupState:
     exp_avg_sq: dict
 
     @classmethod
-    def load(cls, path, model, moment_dtype, device) -> "WarmupState":
+    def load(cls, path, model, moment_dtype) -> "WarmupState":
         raw = load_adamw_state(path)
-        names = [name for name, param in model.named_parameters() if param.requires_grad]
-        missing = [name for name in names if name not in raw["exp_avg"]]
+        params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        missing = [name for name in params if name not in raw["exp_avg"]]
         if missing:
             raise ModelError(f"{path}: no AdamW moments for parameters {missing[:5]} (of {len(missing)})")
         return cls(
             step=int(raw["step"]), lr=float(raw["lr"]), betas=tuple(map(float, raw["betas"])),
             eps=float(raw["eps"]), weight_decay=float(raw["weight_decay"]), no_decay=set(raw["no_decay"]),
-            exp_avg={n: raw["exp_avg"][n].to(device, moment_dtype) for n in names},
-            exp_avg_sq={n: raw["exp_avg_sq"][n].to(device, moment_dtype) for n in names},
+            exp_avg={n: raw["exp_avg"][n].to(p.device, moment_dtype) for n, p in params.items()},
+            exp_avg_sq={n: raw["exp_avg_sq"][n].to(p.device, moment_dtype) for n, p in params.items()},
         )
 
     def decay(self, name: str) -> float:
@@ -161,21 +161,20 @@ class WarmupState:
 
 
 class Scratch:
-    """Reusable fp32 work buffers (the size of the largest parameter): the update runs once per
-    parameter per example, and fresh multi-hundred-MB allocations each time cost more than the
-    arithmetic."""
+    """Reusable fp32 work buffers (the size of the largest parameter, per device): the update runs
+    once per parameter per example, and fresh multi-hundred-MB allocations each time cost more than
+    the arithmetic."""
 
     def __init__(self):
-        self.buffers: list = []
+        self.buffers: dict = {}
 
     def get(self, index: int, like):
         import torch
 
-        while len(self.buffers) <= index:
-            self.buffers.append(torch.empty(0, dtype=torch.float32, device=like.device))
-        if self.buffers[index].numel() < like.numel():
-            self.buffers[index] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
-        return self.buffers[index][:like.numel()].view(like.shape)
+        key = (like.device, index)
+        if key not in self.buffers or self.buffers[key].numel() < like.numel():
+            self.buffers[key] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        return self.buffers[key][:like.numel()].view(like.shape)
 
 
 def _new_moments(grad, exp_avg, exp_avg_sq, scratch: Scratch, step: int, betas, eps: float):
@@ -346,16 +345,130 @@ def _on_each_grad(params: dict, fn):
 
 
 # --------------------------------------------------------------------------------------------
+# where a shard's model lives: one device, or consecutive layers over several GPUs
+
+
+def placement_units(model) -> list[tuple[str, object]]:
+    """The model's modules in definition order, cut at whole transformer blocks (the classes in
+    `_no_split_modules`) and at modules that hold parameters of their own."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    units = []
+
+    def walk(prefix: str, module) -> None:
+        children = list(module.named_children())
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if not children or own or type(module).__name__ in blocks:
+            units.append((prefix, module))
+            return
+        for name, child in children:
+            walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", model)
+    return units
+
+
+def layer_split(model, devices: int) -> dict[str, int]:
+    """Module name -> device index: consecutive runs of modules with about equal parameter bytes
+    on each device, in definition order (the forward order of Hugging Face decoder models). A
+    module whose parameters are tied to an earlier one's (the LM head to the embeddings) goes to
+    that device, so a tied tensor exists once.
+
+    Layer-wise placement keeps every parameter whole on one device, which is what the per-parameter
+    AdamW-in-backward update and the in-memory restore of this file need; the GPUs of a shard then
+    work one after another, so it buys memory, not speed."""
+    units = placement_units(model)
+    counted, sizes = set(), []
+    for _, module in units:
+        size = 0
+        for param in module.parameters():
+            if id(param) not in counted:
+                counted.add(id(param))
+                size += param.numel() * param.element_size()
+        sizes.append(size)
+    share = max(sum(sizes), 1) / devices
+    placed: dict[int, int] = {}
+    device_map, current, done = {}, 0, 0
+    for (name, module), size in zip(units, sizes):
+        tied = {placed[id(p)] for p in module.parameters() if id(p) in placed}
+        if tied:
+            device = min(tied)
+        else:
+            # a unit goes where the middle of its bytes falls, never back to an earlier device
+            current = device = min(devices - 1, max(current, int((done + size / 2) // share)))
+        done += size
+        for param in module.parameters():
+            placed.setdefault(id(param), device)
+        device_map[name] = device
+    return device_map
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+@dataclass
+class Placement:
+    """One device (`device_map` None), or the model's layers over the shard's devices."""
+
+    devices: list[str]
+    device_map: dict | None = None
+
+    @classmethod
+    def for_shard(cls, checkpoint: str, gpus_per_shard: int) -> "Placement":
+        if gpus_per_shard < 1:
+            raise ConfigError(f"influence.gpus_per_shard must be >= 1, got {gpus_per_shard}")
+        if gpus_per_shard == 1:
+            return cls([default_device()])
+        gpus = visible_gpus()
+        if len(gpus) < gpus_per_shard:
+            raise ConfigError(
+                f"influence.gpus_per_shard={gpus_per_shard}: this job sees {len(gpus)} CUDA device(s) "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Each influence "
+                f"job asks for compute.gpus x influence.gpus_per_shard GPUs: set compute.gpus: 1, or "
+                f"gpus_per_shard: 1 on a machine without that many GPUs")
+        devices = gpus[:gpus_per_shard]
+        split = layer_split(model_skeleton(checkpoint), gpus_per_shard)
+        return cls(devices, {name: devices[index] for name, index in split.items()})
+
+    @property
+    def input_device(self) -> str:
+        """Where batches go: the device of the first module (the input embeddings)."""
+        return next(iter(self.device_map.values())) if self.device_map else self.devices[0]
+
+    def load(self, checkpoint: str, weight_dtype: str):
+        return load_causal_lm(checkpoint, weight_dtype, self.devices[0], device_map=self.device_map)
+
+    def __str__(self) -> str:
+        if not self.device_map:
+            return f"device {self.devices[0]}"
+        counts = {device: list(self.device_map.values()).count(device) for device in self.devices}
+        return "layers over " + ", ".join(f"{device} ({n} modules)" for device, n in counts.items())
+
+
+def model_skeleton(checkpoint: str):
+    """The checkpoint's model without its weights (meta tensors), for planning a placement."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
+    skeleton.tie_weights()
+    return skeleton
+
+
+# --------------------------------------------------------------------------------------------
 # the original algorithm (mode `reference`)
 
 
-def original_step_and_eval(checkpoint: str, weight_dtype: str, device, batch: dict | None,
+def original_step_and_eval(checkpoint: str, weight_dtype: str, placement: "Placement", batch: dict | None,
                            reference_batches: list[dict]) -> float:
     """Reload weights and AdamW state from disk, one torch AdamW step (on `batch`, or with a zero
     gradient when None), reference loss after."""
     import torch
 
-    model = load_causal_lm(checkpoint, weight_dtype, device)
+    model = placement.load(checkpoint, weight_dtype)
     model.eval()
     raw = load_adamw_state(checkpoint)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -369,8 +482,8 @@ def original_step_and_eval(checkpoint: str, weight_dtype: str, device, batch: di
     for name, param in named:
         optimizer.state[param] = {
             "step": torch.tensor(float(raw["step"])),
-            "exp_avg": raw["exp_avg"][name].to(device, param.dtype),
-            "exp_avg_sq": raw["exp_avg_sq"][name].to(device, param.dtype),
+            "exp_avg": raw["exp_avg"][name].to(param.device, param.dtype),
+            "exp_avg_sq": raw["exp_avg_sq"][name].to(param.device, param.dtype),
         }
     if batch is None:
         for _, param in named:
@@ -402,13 +515,6 @@ def _check_settings(settings: dict) -> tuple[str, str, int]:
         raise ConfigError(f"influence.mode: {mode!r} is not one of {list(MODES)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"influence.precision: {precision!r} is not one of {list(PRECISIONS)}")
-    if int(settings.get("gpus_per_shard", 1)) != 1:
-        raise ConfigError(
-            f"influence.gpus_per_shard={settings['gpus_per_shard']}: a shard spanning several GPUs "
-            f"(FSDP) is not implemented; each shard runs on one device. Set gpus_per_shard: 1 and "
-            f"pick the precision that fits one GPU (docs/influence.md: 8B fits one H200 in fp32 and "
-            f"one H100 in bf16)"
-        )
     if mode == "reference" and precision == "bf16_weights":
         raise ConfigError("influence.precision: mode 'reference' replays the original's torch AdamW, "
                           "whose moments share the weight dtype: use fp32 or bf16")
@@ -430,7 +536,6 @@ def score_shard(settings: dict, warmup: str, probing: str, reference: str, out: 
     spearman_check = int(settings.get("spearman_check", 0))
     seed_everything(derive_seed(settings.get("seed", 0), "influence", shard))
     weight_dtype, moment_dtype = PRECISIONS[precision]
-    device = default_device()
 
     checkpoint = model_path(warmup)
     if not Path(checkpoint).is_dir():
@@ -444,30 +549,32 @@ def score_shard(settings: dict, warmup: str, probing: str, reference: str, out: 
     pad_id = tokenizer.pad_token_id
     examples = encode_records(tokenizer, mine, max_length, probing)
     encoded_reference = encode_records(tokenizer, reference_records, max_length, reference)
+    placement = Placement.for_shard(checkpoint, int(settings.get("gpus_per_shard", 1)))
+    device = placement.input_device
 
     # Records go to <out>.partial until the shard is complete: Snakemake deletes a declared
     # output before rerunning a job, which would lose every pair already scored.
     with resumable_shard(out) as writer:
         todo = [e for e in examples if e["id"] not in writer]
-        log.info("influence shard %s/%s: %d probing pairs, %d already scored, mode %s, precision %s, device %s",
-                 shard, shards, len(examples), len(examples) - len(todo), mode, precision, device)
+        log.info("influence shard %s/%s: %d probing pairs, %d already scored, mode %s, precision %s, %s",
+                 shard, shards, len(examples), len(examples) - len(todo), mode, precision, placement)
 
         setup_started = time.time()
         timings = {}
         if mode == "reference":
             batches = make_batches(encoded_reference, ORIGINAL_BATCH_SIZE, pad_id, device, pad_to=max_length,
                                    sort_by_length=False)
-            model = load_causal_lm(checkpoint, weight_dtype, device)
+            model = placement.load(checkpoint, weight_dtype)
             model.eval()
             loss_before = reference_loss(model, batches)
             del model
-            momentum_loss = original_step_and_eval(checkpoint, weight_dtype, device, None, batches)
+            momentum_loss = original_step_and_eval(checkpoint, weight_dtype, placement, None, batches)
             momentum_first_order = None
         else:
             batches = make_batches(encoded_reference, batch_size, pad_id, device)
-            model = load_causal_lm(checkpoint, weight_dtype, device)
+            model = placement.load(checkpoint, weight_dtype)
             model.eval()  # no dropout: a score must be a function of the pair alone
-            state = WarmupState.load(checkpoint, model, getattr(torch, moment_dtype), device)
+            state = WarmupState.load(checkpoint, model, getattr(torch, moment_dtype))
             scorer = Scorer(model, state, batches)
             loss_before = scorer.loss_before
             need_first_order = mode == "first_order" or (spearman_check > 0 and any(
@@ -487,7 +594,7 @@ def score_shard(settings: dict, warmup: str, probing: str, reference: str, out: 
             record = {"id": example["id"], "group": example["group"]}
             check = index < spearman_check
             if mode == "reference":
-                loss_after = original_step_and_eval(checkpoint, weight_dtype, device, pair, batches)
+                loss_after = original_step_and_eval(checkpoint, weight_dtype, placement, pair, batches)
                 record.update(loss_before=loss_before, loss_after=loss_after, influence=loss_after - loss_before,
                               influence_vs_momentum=loss_after - momentum_loss)
             elif mode == "exact":
@@ -516,7 +623,7 @@ def score_shard(settings: dict, warmup: str, probing: str, reference: str, out: 
                if "influence_exact" in r and "influence_first_order" in r]
     seconds = [r["seconds"] for r in records]
     write_json_atomic(summary, {
-        "shard": int(shard), "shards": shards, "mode": mode, "precision": precision, "device": str(device),
+        "shard": int(shard), "shards": shards, "mode": mode, "precision": precision, "devices": placement.devices,
         "count": len(records), "reference_size": len(reference_records),
         "reference_tokens": sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
         "loss_before": loss_before,

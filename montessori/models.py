@@ -148,11 +148,15 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None):
+def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None, device_map: dict | None = None):
+    """The model on one device, or its modules spread over devices by `device_map` (module name ->
+    device; accelerate's hooks then move activations between them)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device_map is not None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.to(device or default_device())
 

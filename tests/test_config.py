@@ -42,6 +42,7 @@ def test_defaults_fill_missing_sections():
         ({"methods": ["montessori", "magic"]}, "'methods.1'"),
         ({"sft": {"schedule": {"warmup": 0.3}}}, "'sft.schedule'"),
         ({"influence": {"shards": 64}}, "'influence.shards'"),
+        ({"influence": {"gpus_per_shard": 2}, "compute": {"gpus": 0}}, "'influence.gpus_per_shard'"),
         ({"methods": ["montessori", "self_instruct_api"]}, "'external_teacher'"),
         ({"evaluation": {"alpaca_eval": {"reference": "method:self_instruct"}}, "methods": ["montessori"]},
          "'evaluation.alpaca_eval.reference'"),

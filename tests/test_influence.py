@@ -79,7 +79,7 @@ def load_scorer(warmup, data):
     checkpoint = model_path(warmup)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    state = influence.WarmupState.load(checkpoint, model, torch.float32, "cpu")
+    state = influence.WarmupState.load(checkpoint, model, torch.float32)
     reference = influence.encode_records(tokenizer, read_jsonl(data[1]), MAX_LENGTH, data[1])
     batches = influence.make_batches(reference, 2, tokenizer.pad_token_id, "cpu")
     probes = influence.encode_records(tokenizer, read_jsonl(data[0]), MAX_LENGTH, data[0])
@@ -237,11 +237,61 @@ def test_resume_after_a_kill_skips_done_ids_and_matches(tmp_path, warmup, data, 
     assert strip(resumed) == strip(uninterrupted)
 
 
-def test_multi_gpu_shards_are_refused_clearly(tmp_path, warmup, data):
-    with pytest.raises(ConfigError, match="gpus_per_shard=2"):
+def test_bad_modes_and_missing_gpus_are_reported_by_key(tmp_path, warmup, data):
+    with pytest.raises(ConfigError, match=r"influence.gpus_per_shard=2: this job sees 0 CUDA device"):
         run_shard(tmp_path, warmup, data, "x", gpus_per_shard=2)
     with pytest.raises(ConfigError, match="influence.mode"):
         run_shard(tmp_path, warmup, data, "x", mode="fast")
+
+
+def untied_skeleton(layers: int):
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    with init_empty_weights():
+        return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("devices", [2, 3, 4])
+def test_layer_split_is_consecutive_balanced_and_covers_every_parameter(devices):
+    model = untied_skeleton(layers=12)
+    split = influence.layer_split(model, devices)
+    assert list(split.values()) == sorted(split.values()), "modules must go to devices in forward order"
+    assert set(split.values()) == set(range(devices))
+    parameters = {name for name, _ in model.named_parameters()}
+    covered = {name for name in parameters if any(name == unit or name.startswith(unit + ".") for unit in split)}
+    assert covered == parameters
+    assert all(name.startswith("model.layers.") and name.count(".") == 2 for name in split
+               if name.startswith("model.layers"))          # whole blocks, never half a layer
+    loads = [0] * devices
+    for name, param in model.named_parameters():
+        unit = next(u for u in split if name == u or name.startswith(u + "."))
+        loads[split[unit]] += param.numel()
+    largest_unit = max(sum(p.numel() for p in module.parameters()) for _, module in influence.placement_units(model))
+    assert max(loads) - min(loads) <= 2 * largest_unit, loads
+
+
+def test_a_tied_head_stays_with_the_embeddings(tiny_model_dir):
+    split = influence.layer_split(influence.model_skeleton(tiny_model_dir), 2)
+    assert split["lm_head"] == split["model.embed_tokens"] == 0
+    assert split["model.layers.0"] == 1                  # the embeddings are most of this tiny model
+
+
+def test_a_shard_over_several_devices_scores_as_one_device(tmp_path, warmup, data, monkeypatch):
+    """The multi-GPU placement path (layer split, dispatched model, moments and scratch per
+    parameter device, labels on the head's device) on two stand-in devices of this CPU."""
+    single, _ = run_shard(tmp_path, warmup, data, "one-device", mode="exact")
+    monkeypatch.setattr(influence, "visible_gpus", lambda: ["cpu", "cpu"])
+    spread, summary = run_shard(tmp_path, warmup, data, "two-devices", mode="exact", gpus_per_shard=2)
+    assert summary["devices"] == ["cpu", "cpu"]
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert strip(spread) == strip(single)
+    for mode in ("first_order", "reference"):
+        one, _ = run_shard(tmp_path, warmup, data, f"one-device-{mode}", mode=mode)
+        two, _ = run_shard(tmp_path, warmup, data, f"two-devices-{mode}", mode=mode, gpus_per_shard=2)
+        assert strip(two) == strip(one), mode
 
 
 def _record(i, influence_value):
