@@ -105,43 +105,41 @@ def finished_stage_output(stage: str, settings: dict, out, cwd, **paths) -> byte
 
 
 SEED_SETTINGS = {"split": "train", "limit": None, "seed": 42}
+REFERENCE_SETTINGS = {"split": "train", "limit": 4, "allow_eval_contamination": False,
+                      "eval_sources": [str(ROOT / "data" / "eval" / "alpaca_eval.json")]}
+
+
+def assert_bad_source_fails_and_keeps_output(tmp_path, stage: str, settings: dict, good_source: str,
+                                             bad_text: str, *expected: str) -> None:
+    """The stage finished on `good_source`, rerun on a source file holding `bad_text`: an error
+    naming what `expected` says ({source} is the bad file) and the finished output untouched."""
+    out = tmp_path / f"{stage}.jsonl"
+    finished = finished_stage_output(stage, settings | {"source": good_source}, out, ROOT)
+    source = tmp_path / f"{stage}-source.jsonl"
+    source.write_text(bad_text)
+
+    result = run_stage(stage, settings | {"source": str(source)}, "--out", str(out), cwd=tmp_path)
+    assert_stage_error(result, stage, *(text.format(source=source) for text in expected))
+    assert out.read_bytes() == finished
 
 
 def test_a_malformed_seed_line_names_file_and_line(tmp_path):
-    out = tmp_path / "seed_pool.jsonl"
-    finished = finished_stage_output("seed_pool", SEED_SETTINGS | {"source": "data/seeds.jsonl"}, out, ROOT)
-    seeds = tmp_path / "seeds.jsonl"
     good = (ROOT / "data" / "seeds.jsonl").read_text().splitlines()
-    seeds.write_text("\n".join(good[:2] + ['{"instruction": "Name three rivers."'] + good[2:5]) + "\n")
-
-    result = run_stage("seed_pool", SEED_SETTINGS | {"source": str(seeds)}, "--out", str(out), cwd=tmp_path)
-    assert_stage_error(result, "seed_pool", f"{seeds}:3: not valid JSON")
-    assert out.read_bytes() == finished
+    bad = "\n".join(good[:2] + ['{"instruction": "Name three rivers."'] + good[2:5]) + "\n"
+    assert_bad_source_fails_and_keeps_output(tmp_path, "seed_pool", SEED_SETTINGS, "data/seeds.jsonl", bad,
+                                             "{source}:3: not valid JSON")
 
 
 def test_an_empty_seed_pool_names_the_key(tmp_path):
-    out = tmp_path / "seed_pool.jsonl"
-    finished = finished_stage_output("seed_pool", SEED_SETTINGS | {"source": "data/seeds.jsonl"}, out, ROOT)
-    seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("\n")
-
-    result = run_stage("seed_pool", SEED_SETTINGS | {"source": str(seeds)}, "--out", str(out), cwd=tmp_path)
-    assert_stage_error(result, "seed_pool", str(seeds), "the seed pool is empty", "seed_pool.source")
-    assert out.read_bytes() == finished
+    assert_bad_source_fails_and_keeps_output(tmp_path, "seed_pool", SEED_SETTINGS, "data/seeds.jsonl", "\n",
+                                             "{source}", "the seed pool is empty", "seed_pool.source")
 
 
 def test_a_malformed_reference_line_names_file_and_line(tmp_path):
-    settings = {"split": "train", "limit": 4, "allow_eval_contamination": False,
-                "eval_sources": [str(ROOT / "data" / "eval" / "alpaca_eval.json")]}
-    out = tmp_path / "reference.jsonl"
-    finished = finished_stage_output("reference_set", settings | {"source": "data/reference.jsonl"}, out, ROOT)
-    references = tmp_path / "reference-source.jsonl"
     good = (ROOT / "data" / "reference.jsonl").read_text().splitlines()
-    references.write_text("\n".join(good[:4] + ['{"instruction": "Add 2 and 3.", "response": 5,}'] + good[4:6]) + "\n")
-
-    result = run_stage("reference_set", settings | {"source": str(references)}, "--out", str(out), cwd=tmp_path)
-    assert_stage_error(result, "reference_set", f"{references}:5: not valid JSON")
-    assert out.read_bytes() == finished
+    bad = "\n".join(good[:4] + ['{"instruction": "Add 2 and 3.", "response": 5,}'] + good[4:6]) + "\n"
+    assert_bad_source_fails_and_keeps_output(tmp_path, "reference_set", REFERENCE_SETTINGS, "data/reference.jsonl",
+                                             bad, "{source}:5: not valid JSON")
 
 
 def closed_port() -> int:
