@@ -1,4 +1,8 @@
-"""`python -m montessori STAGE --settings JSON --key value ...`: the one entry point rules call.
+"""`python -m montessori STAGE --settings JSON [--runtime JSON] --key value ...`: the one entry point rules call.
+
+`--settings` holds what decides the stage's outputs (a Snakemake param: a change reruns the job);
+`--runtime` the throughput settings (batch sizes, vLLM memory share, ...; see montessori.runtime),
+merged into the settings.
 
 A stage is a function `fn(settings: dict, **kwargs)`. `--key value` becomes `key=value` (dashes
 to underscores); a value that parses as a JSON number, bool or null becomes that; a key given
@@ -14,6 +18,7 @@ import sys
 import time
 
 from .errors import MontessoriError
+from .runtime import merge_runtime
 
 STAGES = {
     "prepare_model": "montessori.models:prepare_model_stage",
@@ -50,7 +55,7 @@ def _value(text: str):
 def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in STAGES:
         stages = "\n  ".join(STAGES)
-        raise SystemExit(f"usage: python -m montessori STAGE --settings JSON [--key value ...]\nstages:\n  {stages}")
+        raise SystemExit(f"usage: python -m montessori STAGE --settings JSON [--runtime JSON] [--key value ...]\nstages:\n  {stages}")
     stage, rest = argv[0], argv[1:]
     kwargs: dict[str, list] = {}
     key = None
@@ -62,7 +67,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
             raise SystemExit(f"unexpected argument {token!r}: values follow a --key")
         else:
             kwargs[key].append(token)
-    settings = json.loads(kwargs.pop("settings", ["{}"])[0])
+    settings = merge_runtime(json.loads(kwargs.pop("settings", ["{}"])[0]),
+                             json.loads(kwargs.pop("runtime", ["{}"])[0]))
     parsed = {}
     for key, values in kwargs.items():
         if key.endswith("_paths") or len(values) > 1:

@@ -5,9 +5,13 @@
     outputs = generator.generate(prompts, sampling, n, seed)  # outputs[i] = n completions of prompts[i]
 
 `sampling` = {"temperature", "top_p", "repetition_penalty", "presence_penalty", "max_new_tokens"}
-(temperature 0 = greedy). Same prompts, sampling, n and seed on the same backend and hardware give
-the same outputs: the transformers backend reseeds torch before each batch (inside `fork_rng`,
-so the caller's RNG state is untouched), vLLM and the API get one seed per prompt.
+(temperature 0 = greedy). `seed` is one seed per prompt (a list), or one int from which each
+prompt's seed is derived by its index in the call. Every backend samples a prompt's completions
+from that prompt's seed alone, so the outputs do not depend on how prompts are batched: the
+transformers backend draws each sequence's tokens from a torch.Generator of its own (the
+`_RowSampler` below, not the global RNG that `model.generate` would share across the batch);
+vLLM and the API take a seed per request. Same prompts, sampling, n and seeds on the same backend
+and hardware give the same outputs, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -35,8 +39,44 @@ class Generator:
     def chat_prompt(self, user_text: str, prefill: str = "") -> str:
         return chat_prompt(self.tokenizer, user_text) + prefill
 
-    def generate(self, prompts: list[str], sampling: dict, n: int, seed: int) -> list[list[str]]:
+    def generate(self, prompts: list[str], sampling: dict, n: int, seed: int | list[int]) -> list[list[str]]:
         raise NotImplementedError
+
+
+def prompt_seeds(seed: int | list[int], count: int) -> list[int]:
+    """One seed per prompt: the caller's list, or derived from one seed and each prompt's index."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise ValueError(f"{len(seed)} seeds for {count} prompts")
+        return [int(value) for value in seed]
+    return [derive_seed(seed, "prompt", index) for index in range(count)]
+
+
+class _RowSampler:
+    """A logits processor that samples each row (one sequence: prompt i, completion c at row i*n + c)
+    from its own seeded torch.Generator, after temperature and nucleus (top-p) filtering, and hands
+    `generate` (run greedy) a row whose only finite logit is the drawn token. A row's tokens then
+    depend on its own seed only, not on which other prompts share its batch."""
+
+    def __init__(self, row_seeds: list[int], temperature: float, top_p: float):
+        self.row_seeds, self.temperature, self.top_p = row_seeds, temperature, top_p
+        self.generators = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(seed) for seed in self.row_seeds]
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep a token while the mass before it is below top_p (so the most likely one always).
+            outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        tokens = torch.stack([torch.multinomial(row, 1, generator=generator)
+                              for row, generator in zip(probs, self.generators)])
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter(-1, tokens, 0.0)
 
 
 class TransformersGenerator(Generator):
@@ -52,43 +92,45 @@ class TransformersGenerator(Generator):
         self.batch_size = max(1, int(batch_size))
         self._warned_presence = False
 
-    def generate(self, prompts: list[str], sampling: dict, n: int, seed: int) -> list[list[str]]:
+    def generate(self, prompts: list[str], sampling: dict, n: int, seed: int | list[int]) -> list[list[str]]:
+        seeds = prompt_seeds(seed, len(prompts))
         outputs: list[list[str]] = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start:start + self.batch_size]
-            outputs.extend(self._generate_batch(batch, sampling, n, derive_seed(seed, "batch", start)))
+            end = start + self.batch_size
+            outputs.extend(self._generate_batch(prompts[start:end], sampling, n, seeds[start:end]))
         return outputs
 
-    def _generation_kwargs(self, sampling: dict, n: int) -> dict:
+    def _generation_kwargs(self, sampling: dict, n: int, seeds: list[int]) -> dict:
         if sampling.get("presence_penalty") and not self._warned_presence:
             log.warning("transformers backend: presence_penalty has no equivalent and is ignored")
             self._warned_presence = True
         temperature = float(sampling.get("temperature", 1.0))
         kwargs = {
             "max_new_tokens": int(sampling["max_new_tokens"]),
-            "num_return_sequences": n,
             "repetition_penalty": float(sampling.get("repetition_penalty", 1.0)),
             "pad_token_id": self.tokenizer.pad_token_id,
         }
         if temperature > 0:
-            # top_k=0: no top-k cut, as vLLM and the API by default.
-            kwargs.update(do_sample=True, temperature=temperature, top_p=float(sampling.get("top_p", 1.0)), top_k=0)
+            # No top-k cut, as vLLM and the API by default. The sampler draws; generate() keeps its pick.
+            row_seeds = [derive_seed(seed, "completion", c) for seed in seeds for c in range(n)]
+            sampler = _RowSampler(row_seeds, temperature, float(sampling.get("top_p", 1.0)))
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=[sampler])
         else:
             if n > 1:
                 raise ConfigError("greedy decoding (temperature 0) cannot give n > 1 different samples")
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _generate_batch(self, prompts: list[str], sampling: dict, n: int, seed: int) -> list[list[str]]:
+    def _generate_batch(self, prompts: list[str], sampling: dict, n: int, seeds: list[int]) -> list[list[str]]:
         import torch
 
         # The chat template already holds the special tokens; a second BOS would change the text.
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Each prompt n times in a row: row i * n + c is completion c of prompt i, sampled by _RowSampler.
+        rows = [prompt for prompt in prompts for _ in range(n)]
+        encoded = self.tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False)
         encoded = encoded.to(self.model.device)
-        devices = [self.model.device] if self.model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(seed)
-            sequences = self.model.generate(**encoded, **self._generation_kwargs(sampling, n))
+        with torch.inference_mode():
+            sequences = self.model.generate(**encoded, **self._generation_kwargs(sampling, n, seeds))
         new_tokens = sequences[:, encoded["input_ids"].shape[1]:]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -107,7 +149,7 @@ class VLLMGenerator(Generator):
         self.llm = LLM(model=path, tokenizer=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                        tensor_parallel_size=tensor_parallel_size)
 
-    def generate(self, prompts: list[str], sampling: dict, n: int, seed: int) -> list[list[str]]:
+    def generate(self, prompts: list[str], sampling: dict, n: int, seed: int | list[int]) -> list[list[str]]:
         from vllm import SamplingParams
 
         temperature = float(sampling.get("temperature", 1.0))
@@ -116,9 +158,9 @@ class VLLMGenerator(Generator):
                 n=n, temperature=temperature, top_p=float(sampling.get("top_p", 1.0)) if temperature > 0 else 1.0,
                 repetition_penalty=float(sampling.get("repetition_penalty", 1.0)),
                 presence_penalty=float(sampling.get("presence_penalty", 0.0)),
-                max_tokens=int(sampling["max_new_tokens"]), seed=derive_seed(seed, "prompt", index),
+                max_tokens=int(sampling["max_new_tokens"]), seed=prompt_seed,
             )
-            for index in range(len(prompts))
+            for prompt_seed in prompt_seeds(seed, len(prompts))
         ]
         # Token ids, not text: vLLM would add a BOS in front of a template that already has one.
         inputs = [{"prompt_token_ids": self.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
@@ -142,9 +184,9 @@ class APIGenerator(Generator):
     def chat_prompt(self, user_text: str, prefill: str = "") -> str:
         return user_text
 
-    def generate(self, prompts: list[str], sampling: dict, n: int, seed: int) -> list[list[str]]:
+    def generate(self, prompts: list[str], sampling: dict, n: int, seed: int | list[int]) -> list[list[str]]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            seeds = [derive_seed(seed, "prompt", index) for index in range(len(prompts))]
+            seeds = prompt_seeds(seed, len(prompts))
             return list(pool.map(lambda prompt, prompt_seed: self._complete(prompt, sampling, n, prompt_seed),
                                  prompts, seeds))
 

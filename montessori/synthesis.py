@@ -1,13 +1,15 @@
 """Teacher synthesis stages: instructions, their merge, responses, their merge, warm-up/probing split.
 
-Shards and resume: a shard works through prompt *groups* in batches of `batch_size` groups with
-fixed boundaries (batch k = groups [kB, (k+1)B)), and the sampling seed of a batch is derived from
-(seed, label, shard, k). A group's prompt depends only on its own seeded RNG and on what was kept
-before its batch started. So after a kill, replaying the records already in the shard file
-rebuilds exactly the state the interrupted run had, an unfinished batch is generated again with
-the same prompts and seed, and only the records missing from the file are appended: the result
-is byte-identical to an uninterrupted run, and nothing finished is generated twice (apart from
-the siblings of an unfinished batch, which must be regenerated to continue its RNG stream).
+Shards and resume: a shard works through prompt *groups* in order. The generated examples of
+group g come from what was kept before its *pool block* started (blocks of `generated_pool_refresh`
+groups: block b = groups [bR, (b+1)R)), and its sampling seed is derived from (seed, label, shard,
+g). Groups are generated `batch_size` at a time, never across a block boundary, and the shard stops
+at the exact group whose instructions complete its quota, dropping what a batch generated after it.
+So the records, and everything downstream, do not depend on `batch_size` (a throughput setting:
+montessori.runtime). After a kill, replaying the records already in the shard file rebuilds
+exactly the state the interrupted run had, the missing groups are generated with the same prompts
+and seeds, and only the records missing from the file are appended: the result is byte-identical
+to an uninterrupted run.
 
 A shard appends to `<out>.partial` and renames it to `out` only when complete: Snakemake deletes a
 job's declared output before it runs and after it fails, which would throw the finished work away.
@@ -117,8 +119,8 @@ def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: s
     """Stage `synth_instructions`: one shard of teacher-written instruction candidates (all, with `reason`).
 
     Settings: label, target, shards, seed, n (4), batch_size (16), prompt_examples (8),
-    generated_examples (2), oversample (1.5), max_prompts_factor (6), instruction_sampling,
-    filters, and the generator's keys (backend, external_teacher, chat_template).
+    generated_examples (2), generated_pool_refresh (16), oversample (1.5), max_prompts_factor (6),
+    instruction_sampling, filters, and the generator's keys (backend, external_teacher, chat_template).
     `generator_factory` replaces the model in unit tests of the stage logic.
     """
     shard = int(shard)
@@ -128,11 +130,14 @@ def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: s
     base_seed = int(settings.get("seed", 0))
     n = int(settings.get("n", 4))
     batch_groups = max(1, int(settings.get("batch_size", 16)))
+    refresh = int(settings.get("generated_pool_refresh", 16))
     n_examples = int(settings.get("prompt_examples", 8))
     n_generated = int(settings.get("generated_examples", 2))
     sampling = _required(settings, "instruction_sampling", "synthesis.instruction_sampling")
     if not 0 <= n_generated <= n_examples:
         raise ConfigError("config key 'synthesis.generated_examples' must be between 0 and synthesis.prompt_examples")
+    if refresh < 1:
+        raise ConfigError(f"config key 'synthesis.generated_pool_refresh' must be >= 1, got {refresh}")
     quota = math.ceil(target * float(settings.get("oversample", 1.5)) / n_shards)
     max_groups = math.ceil(float(settings.get("max_prompts_factor", 6)) * quota)
 
@@ -148,9 +153,9 @@ def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: s
         existing = {record["id"]: record for record in writer.records}
         if existing:
             log.info("shard %d: resuming from %d records in %s", shard, len(existing), writer.path)
-        batch = 0
+        first_group = 0
+        pool: list[tuple[str, str]] = []  # what the current block's prompts draw their generated examples from
         while len(state.kept) < quota:
-            first_group = batch * batch_groups
             if first_group >= max_groups:
                 raise DataError(
                     f"{label} shard {shard}: only {len(state.kept)} of {quota} instructions kept after "
@@ -158,24 +163,32 @@ def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: s
                     f"'synthesis.max_prompts_factor' (now {settings.get('max_prompts_factor', 6)}) or check "
                     f"the rejected records (their 'reason') in {writer.path}"
                 )
+            if first_group % refresh == 0:
+                pool = list(state.kept)
+            block_end = (first_group // refresh + 1) * refresh
             groups = []
-            for group_index in range(first_group, first_group + batch_groups):
+            for group_index in range(first_group, min(first_group + batch_groups, block_end, max_groups)):
                 rng = random.Random(derive_seed(base_seed, label, shard, group_index))
-                examples = _build_examples(rng, seeds, state.kept, n_examples, n_generated)
+                examples = _build_examples(rng, seeds, pool, n_examples, n_generated)
                 group_id = f"{label}-s{shard}-g{group_index:04d}"
                 groups.append((group_id, examples, [f"{group_id}-c{c}" for c in range(n)]))
 
-            if not all(cid in existing for _, _, ids in groups for cid in ids):
-                if generator is None:
-                    generator = generator_factory() if generator_factory else make_generator(settings, teacher)
-                prefill = ASSISTANT_PREFILL if generator.supports_prefill else ""
-                prompts = [generator.chat_prompt(instruction_request([text for _, text in examples]), prefill)
-                           for _, examples, _ in groups]
-                batch_seed = derive_seed(base_seed, label, "generate", shard, batch)
-                outputs = generator.generate(prompts, sampling, n, batch_seed)
-
-            kept_before = len(state.kept)
+            batch_start, kept_before = first_group, len(state.kept)
+            outputs: dict[int, list[str]] = {}
             for position, (group_id, examples, ids) in enumerate(groups):
+                if len(state.kept) >= quota:
+                    break  # the quota was met by an earlier group of this batch: a smaller batch would stop there
+                if position not in outputs and not all(cid in existing for cid in ids):
+                    # A group missing from the file (all of them, but on a resume): generate it and the
+                    # rest of the batch at once.
+                    if generator is None:
+                        generator = generator_factory() if generator_factory else make_generator(settings, teacher)
+                    prefill = ASSISTANT_PREFILL if generator.supports_prefill else ""
+                    prompts = {later: generator.chat_prompt(instruction_request([text for _, text in group[1]]), prefill)
+                               for later, group in enumerate(groups) if later >= position}
+                    group_seeds = [derive_seed(base_seed, label, "generate", shard, batch_start + later)
+                                   for later in prompts]
+                    outputs = dict(zip(prompts, generator.generate(list(prompts.values()), sampling, n, group_seeds)))
                 for c, candidate_id in enumerate(ids):
                     record = existing.get(candidate_id)
                     if record is None:
@@ -189,10 +202,10 @@ def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: s
                         }
                         writer.append(record)
                     state.record(record)
+                first_group += 1
             bar.update(min(len(state.kept), quota) - min(kept_before, quota))
-            log.info("%s shard %d batch %d: %d groups, kept %d/%d; %s", label, shard, batch,
-                     first_group + batch_groups, len(state.kept), quota, state.funnel())
-            batch += 1
+            log.info("%s shard %d: %d groups, kept %d/%d; %s", label, shard, first_group, len(state.kept), quota,
+                     state.funnel())
     log.info("%s shard %d done: %d kept; yield by filter stage: %s", label, shard, len(state.kept), state.funnel())
 
 
@@ -208,11 +221,11 @@ def merge_instructions(settings: dict, shard_paths: list[str], out: str, summary
 
     The cut keeps whole groups until at least `target` instructions are in, so the result may
     exceed `target` by up to n - 1: siblings stay together for the group-wise split and the
-    preference pairs. Settings: target, label, filters (rouge_threshold).
+    preference pairs. Settings: target, label, rouge_threshold.
     """
     target = int(_required(settings, "target", "target"))
     label = settings.get("label", "instructions")
-    threshold = float({**DEFAULT_FILTERS, **(settings.get("filters") or {})}["rouge_threshold"])
+    threshold = float(settings.get("rouge_threshold", DEFAULT_FILTERS["rouge_threshold"]))
     if isinstance(shard_paths, str):
         shard_paths = [shard_paths]
     records = merge_shards(shard_paths)
@@ -278,14 +291,16 @@ def synthesize_responses(settings: dict, instructions: str, teacher: str, out: s
             log.info("shard %d: resuming, %d of %d responses already in %s", shard, len(writer.done_ids),
                      len(records), writer.path)
         batches = range(0, len(records), batch_size)
-        for batch, start in enumerate(tqdm(batches, desc=f"{label} responses shard {shard}", unit="batch")):
+        for start in tqdm(batches, desc=f"{label} responses shard {shard}", unit="batch"):
             todo = records[start:start + batch_size]
             if all(record["id"] in writer for record in todo):
                 continue
             if generator is None:
                 generator = generator_factory() if generator_factory else make_generator(settings, teacher)
             prompts = [generator.chat_prompt(record["instruction"]) for record in todo]
-            outputs = generator.generate(prompts, sampling, 1, derive_seed(base_seed, label, "responses", shard, batch))
+            # One seed per instruction, so batch_size (throughput only) does not change the answers.
+            seeds = [derive_seed(base_seed, label, "responses", record["id"]) for record in todo]
+            outputs = generator.generate(prompts, sampling, 1, seeds)
             for record, (raw,) in zip(todo, outputs):
                 if record["id"] in writer:
                     continue

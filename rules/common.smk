@@ -5,6 +5,7 @@ from snakemake.utils import validate
 
 from montessori.config import validate_config
 from montessori.errors import ConfigError
+from montessori.runtime import result_section, runtime_settings
 
 try:
     validate_config(config)
@@ -47,22 +48,39 @@ def settings(**values):
     return lambda wildcards: text
 
 
+# ---- runtime (throughput) settings: outside the params, so a change reruns nothing -------------
+# A shell command reaches this through Snakemake's formatting namespace (the workflow's globals):
+# the rule's command text stays `--runtime {RUNTIME[stage]:q}` whatever the values, and Snakemake's
+# `code` trigger compares that text, its `params` trigger only params. See montessori/runtime.py.
+RUNTIME = {stage: json.dumps(values, sort_keys=True) for stage, values in runtime_settings(config).items()}
+
+
+def section(dotted: str, drop: tuple[str, ...] = ()) -> dict:
+    """A config section as a stage's settings: its throughput keys (and `drop`) left out."""
+    return result_section(config, dotted, drop)
+
+
 # torch would otherwise start a thread per core of the node: on a shared cluster node, or with
 # several jobs on a laptop, oversubscribed OpenMP threads spin against each other.
 THREAD_LIMITS = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
 
 
+def stage_arguments(stage: str) -> str:
+    runtime = f" --runtime {{RUNTIME[{stage}]:q}}" if stage in RUNTIME else ""
+    return f"-m montessori {stage} --settings {{params.settings:q}}{runtime}"
+
+
 def montessori(stage: str) -> str:
     """Shell prefix that runs one stage of the package with the `python` on PATH: the rule's conda
     environment under --sdm conda, else the environment Snakemake was started from."""
-    return f"{THREAD_LIMITS} python -m montessori {stage} --settings {{params.settings:q}}"
+    return f"{THREAD_LIMITS} python {stage_arguments(stage)}"
 
 
 def training_launcher(stage: str) -> str:
     """One process on a CPU or one GPU; accelerate with FSDP over several GPUs."""
     if TRAINING_GPUS > 1:
         return (f"{THREAD_LIMITS} accelerate launch --config_file {config['compute']['accelerate_config']} "
-                f"--num_processes {TRAINING_GPUS} -m montessori {stage} --settings {{params.settings:q}}")
+                f"--num_processes {TRAINING_GPUS} {stage_arguments(stage)}")
     return montessori(stage)
 
 
@@ -99,14 +117,21 @@ def synthesis_target(set_name: str) -> int:
     return config["train_set"]["size"]
 
 
-def synthesis_settings(wildcards) -> str:
+# What only one of the two synthesis stages reads.
+INSTRUCTION_KEYS = ("n", "prompt_examples", "generated_examples", "generated_pool_refresh", "oversample",
+                    "max_prompts_factor", "instruction_sampling", "filters")
+
+
+def synthesis_settings(wildcards, stage: str) -> str:
     method = wildcards.set.split("/")[0]
+    instructions = stage == "synth_instructions"
+    drop = ("response_sampling",) if instructions else INSTRUCTION_KEYS
     return settings_json(
-        **config["synthesis"],
+        **section("synthesis", drop=drop),
         backend=config["backend"],
         seed=config["seed"],
         label=f"r{wildcards.k}-{wildcards.set.replace('/', '-')}",
-        target=synthesis_target(wildcards.set),
+        **({"target": synthesis_target(wildcards.set)} if instructions else {}),
         external_teacher=config["external_teacher"] if method == "self_instruct_api" else None,
     )
 

@@ -6,12 +6,11 @@ EVAL = f"{R}/eval/{{student}}"
 
 
 def eval_settings(judging: bool = False, **sections):
-    """Settings of an evaluation stage; a judge keeps its own chat template, never the student's."""
+    """Settings of an evaluation stage; a judge keeps its own chat template, never the student's.
+    Generation batch and vLLM memory share come through --runtime (RUNTIME in common.smk)."""
     return settings(
         seed=config["seed"],
         backend=config["backend"],
-        batch_size=config["synthesis"]["batch_size"],
-        gpu_memory_utilization=config["synthesis"]["gpu_memory_utilization"],
         chat_template=None if judging else config["models"]["chat_template"],
         **sections,
     )
@@ -45,7 +44,7 @@ rule eval_alpaca_generate:
     output:
         f"{EVAL}/alpaca_eval/outputs.json",
     params:
-        settings=eval_settings(alpaca_eval=config["evaluation"]["alpaca_eval"]),
+        settings=eval_settings(alpaca_eval=section("evaluation.alpaca_eval", drop=("reference",))),
     log:
         f"{LOGS}/eval/{{student}}/alpaca_generate.log",
     benchmark:
@@ -72,7 +71,7 @@ rule eval_alpaca_judge:
         annotations=f"{EVAL}/alpaca_eval/annotations.json",
         metrics=f"{EVAL}/alpaca_eval/metrics.json",
     params:
-        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"], alpaca_eval=config["evaluation"]["alpaca_eval"]),
+        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"]),
         cache=f"{EVAL}/alpaca_eval/judge_cache.jsonl",
         reference=reference_option,
         judge=judge_option,
@@ -99,7 +98,7 @@ rule eval_mt_bench_generate:
     output:
         f"{EVAL}/mt_bench/answers.jsonl",
     params:
-        settings=eval_settings(mt_bench=config["evaluation"]["mt_bench"]),
+        settings=eval_settings(mt_bench=section("evaluation.mt_bench", drop=("reference_answers", "judge_prompts"))),
     log:
         f"{LOGS}/eval/{{student}}/mt_bench_generate.log",
     benchmark:
@@ -125,7 +124,8 @@ rule eval_mt_bench_judge:
         judgments=f"{EVAL}/mt_bench/judgment.jsonl",
         scores=f"{EVAL}/mt_bench/scores.json",
     params:
-        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"], mt_bench=config["evaluation"]["mt_bench"]),
+        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"],
+                               mt_bench=section("evaluation.mt_bench", drop=("limit", "max_new_tokens"))),
         cache=f"{EVAL}/mt_bench/judge_cache.jsonl",
         judge=judge_option,
     log:
@@ -151,7 +151,7 @@ rule eval_lm_eval:
     output:
         f"{EVAL}/lm_eval/results.json",
     params:
-        settings=eval_settings(lm_eval=config["evaluation"]["lm_eval"]),
+        settings=eval_settings(lm_eval=section("evaluation.lm_eval")),
     log:
         f"{LOGS}/eval/{{student}}/lm_eval.log",
     benchmark:

@@ -64,7 +64,7 @@ rule influence:
         scores=f"{R}/round{{k}}/influence/shard-{{shard}}.jsonl",
         summary=f"{R}/round{{k}}/influence/shard-{{shard}}.summary.json",
     params:
-        settings=settings(**config["influence"], seed=config["seed"]),
+        settings=settings(**section("influence", drop=("reference",)), seed=config["seed"]),
     log:
         f"{LOGS}/round{{k}}/influence.shard-{{shard}}.log",
     benchmark:
@@ -93,7 +93,7 @@ rule merge_influence:
         summary=f"{R}/round{{k}}/influence/summary.json",
         histogram=report(f"{R}/round{{k}}/influence/histogram.png", category="Influence", labels={"round": "{k}"}),
     params:
-        settings=settings(**config["influence"]),
+        settings=settings(),
     log:
         f"{LOGS}/round{{k}}/merge_influence.log",
     benchmark:

@@ -30,7 +30,7 @@ rule synth_instructions:
     output:
         f"{R}/round{{k}}/{{set}}/instructions.shard-{{shard}}.jsonl",
     params:
-        settings=lambda w: synthesis_settings(w),
+        settings=lambda w: synthesis_settings(w, "synth_instructions"),
     log:
         f"{LOGS}/round{{k}}/{{set}}/synth_instructions.shard-{{shard}}.log",
     benchmark:
@@ -58,7 +58,7 @@ rule merge_instructions:
     params:
         settings=lambda w: settings_json(
             target=synthesis_target(w.set),
-            filters=config["synthesis"]["filters"],
+            rouge_threshold=config["synthesis"]["filters"]["rouge_threshold"],
             label=f"r{w.k}-{w.set.replace('/', '-')}",
         ),
     log:
@@ -84,7 +84,7 @@ rule synth_responses:
     output:
         f"{R}/round{{k}}/{{set}}/responses.shard-{{shard}}.jsonl",
     params:
-        settings=lambda w: synthesis_settings(w),
+        settings=lambda w: synthesis_settings(w, "synth_responses"),
     log:
         f"{LOGS}/round{{k}}/{{set}}/synth_responses.shard-{{shard}}.log",
     benchmark:

@@ -37,6 +37,41 @@ def test_transformers_batches_are_reproducible(tiny_generator):
     assert tiny_generator.generate(prompts, SAMPLING, n=2, seed=8) != first
 
 
+def test_transformers_sampling_does_not_depend_on_the_batch_size(tiny_model_dir, tiny_generator):
+    """The batch size is a throughput setting (montessori.runtime): same seeds, same outputs."""
+    prompts = [tiny_generator.chat_prompt(text) for text in ["Hi", "Name a long river in Africa.", "Why?", "Ok"]]
+    by_batch = {size: TransformersGenerator(tiny_model_dir, batch_size=size).generate(prompts, SAMPLING, n=2, seed=7)
+                for size in (1, 3, 4)}
+    assert by_batch[1] == by_batch[3] == by_batch[4]
+    assert any(texts[0] != texts[1] for texts in by_batch[1]), "siblings of one prompt draw different samples"
+
+
+def test_a_prompts_samples_depend_on_its_own_seed_only(tiny_generator):
+    prompts = [tiny_generator.chat_prompt(text) for text in ["Hi", "Name a long river in Africa.", "Why?"]]
+    forward = tiny_generator.generate(prompts, SAMPLING, n=2, seed=[11, 12, 13])
+    backward = tiny_generator.generate(prompts[::-1], SAMPLING, n=2, seed=[13, 12, 11])
+    assert backward == forward[::-1]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        tiny_generator.generate(prompts, SAMPLING, n=1, seed=[1, 2])
+
+
+def test_row_sampler_keeps_the_nucleus_and_draws_per_row():
+    import torch
+
+    from montessori.generation import _RowSampler
+
+    # Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two (0.5 < 0.7 before the second).
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    drawn = set()
+    for seed in range(40):
+        out = _RowSampler([seed, seed + 100], temperature=1.0, top_p=0.7)(None, scores)
+        assert torch.isfinite(out).sum(dim=-1).tolist() == [1, 1]
+        drawn |= set(out.argmax(dim=-1).tolist())
+    assert drawn == {0, 1}
+    same = [_RowSampler([5, 5], 1.0, 1.0)(None, scores).argmax(dim=-1) for _ in range(2)]
+    assert torch.equal(same[0], same[1]) and same[0][0] == same[0][1]
+
+
 def test_transformers_left_padding_matches_single_prompts(tiny_generator):
     greedy = {**SAMPLING, "temperature": 0.0}
     prompts = [tiny_generator.chat_prompt(text) for text in ["Hi", "Name a long river in Africa, please."]]

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from montessori.errors import DataError
-from montessori.generation import Generator
+from montessori.generation import Generator, prompt_seeds
 from montessori.io import read_jsonl, write_jsonl_atomic
 from montessori.models import write_model_card
 from montessori.seeding import derive_seed
@@ -41,10 +41,10 @@ class ScriptedTeacher(Generator):
     def generate(self, prompts, sampling, n, seed):
         self.prompts_generated += len(prompts)
         outputs = []
-        for position, prompt in enumerate(prompts):
+        for prompt, prompt_seed in zip(prompts, prompt_seeds(seed, len(prompts))):
             texts = []
             for c in range(n):
-                rng = random.Random(derive_seed(seed, prompt, position, c))
+                rng = random.Random(derive_seed(prompt_seed, prompt, c))
                 words = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(4, 9)))
                 texts.append(rng.choice([
                     "", "Ok.</task>", f"Draw a {words}.</task>", f"- {words}</task>",
@@ -67,7 +67,7 @@ def seed_pool(tmp_path, shared_data):
 
 def instruction_settings(**overrides) -> dict:
     settings = {"label": "r1-probes", "target": 24, "shards": 2, "seed": 42, "n": 4, "batch_size": 3,
-                "prompt_examples": 8, "generated_examples": 2, "oversample": 1.5, "max_prompts_factor": 6,
+                "prompt_examples": 8, "generated_examples": 2, "generated_pool_refresh": 3, "oversample": 1.5, "max_prompts_factor": 6,
                 "instruction_sampling": SAMPLING, "filters": FILTERS, "backend": "transformers",
                 "external_teacher": None}
     return {**settings, **overrides}
@@ -86,7 +86,8 @@ def test_instruction_shard_records(tmp_path, seed_pool):
     records = read_jsonl(out)
     kept = [record for record in records if record["kept"]]
     assert len(kept) >= 18  # ceil(24 * 1.5 / 2)
-    assert len(records) % 12 == 0  # whole batches of 3 groups x 4 candidates
+    assert len(records) % 4 == 0  # whole groups of 4 candidates
+    assert len(kept) - sum(record["kept"] for record in records[-4:]) < 18, "it stops at the group that met the quota"
     reasons = {record["reason"] for record in records}
     assert {None, "no_instruction", "too_short", "banned_word", "leading_char", "near_duplicate"} <= reasons
     first = records[0]
@@ -106,6 +107,20 @@ def test_instruction_shard_records(tmp_path, seed_pool):
     assert all(e in kept_ids for e in later if not e.startswith("seed-"))
     # the case of the teacher's text is kept, and the unclosed task was cut before the answer
     assert any(r["instruction"].startswith("Explain the ") and "Answer" not in r["instruction"] for r in kept)
+
+
+def test_instruction_shard_does_not_depend_on_the_batch_size(tmp_path, seed_pool):
+    """batch_size is a throughput setting (montessori.runtime): same records whatever it is; a batch
+    never crosses a pool block (generated_pool_refresh), whose prompts share one pool of examples."""
+    outputs = {}
+    for batch_size in (1, 2, 3, 5, 64):
+        out = tmp_path / f"batch-{batch_size}.jsonl"
+        run_shard(instruction_settings(batch_size=batch_size), seed_pool, out)
+        outputs[batch_size] = out.read_bytes()
+    assert len(set(outputs.values())) == 1
+    refreshed = tmp_path / "refresh-4.jsonl"
+    run_shard(instruction_settings(generated_pool_refresh=4), seed_pool, refreshed)
+    assert refreshed.read_bytes() != outputs[3], "the pool block is result-bearing"
 
 
 def test_instruction_shards_differ_and_runs_repeat(tmp_path, seed_pool):
@@ -133,9 +148,9 @@ def test_instruction_shard_resume_after_kill_is_identical(tmp_path, seed_pool, f
     finished_lines = data[:cut].count(b"\n")
     rerun = run_shard(settings, seed_pool, resumed)
     assert resumed.read_bytes() == data
-    # only the unfinished batch and the ones after it were generated again
-    finished_batches = finished_lines // 12
-    assert rerun.prompts_generated == full_run.prompts_generated - 3 * finished_batches
+    # only the unfinished group and the ones after it were generated again
+    finished_groups = finished_lines // 4
+    assert rerun.prompts_generated == full_run.prompts_generated - finished_groups
 
 
 def test_instruction_shard_resumes_after_a_crash_of_the_job(tmp_path, seed_pool):
@@ -204,7 +219,7 @@ def test_merge_dedups_across_shards_and_cuts_whole_groups(tmp_path, seed_pool):
     write_jsonl_atomic(shards[1], shard1)
 
     out, summary = tmp_path / "instructions.jsonl", tmp_path / "summary.json"
-    merge_instructions({"target": 24, "filters": FILTERS, "label": "r1-probes"}, [str(p) for p in shards], str(out),
+    merge_instructions({"target": 24, "rouge_threshold": FILTERS["rouge_threshold"], "label": "r1-probes"}, [str(p) for p in shards], str(out),
                        str(summary))
     merged = read_jsonl(out)
     stats = json.loads(summary.read_text())
@@ -224,7 +239,7 @@ def test_merge_dedups_across_shards_and_cuts_whole_groups(tmp_path, seed_pool):
     assert all(ids == surviving[group] for group, ids in merged_groups.items())
 
     with pytest.raises(DataError, match="synthesis.oversample"):
-        merge_instructions({"target": 500, "filters": FILTERS, "label": "x"}, [str(p) for p in shards],
+        merge_instructions({"target": 500, "rouge_threshold": FILTERS["rouge_threshold"], "label": "x"}, [str(p) for p in shards],
                            str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"))
 
 
@@ -236,7 +251,8 @@ def response_records(count: int) -> list[dict]:
 class EchoTeacher(ScriptedTeacher):
     def generate(self, prompts, sampling, n, seed):
         self.prompts_generated += len(prompts)
-        return [[f"  answer to {prompt} with seed {seed}\n"] for prompt in prompts]
+        return [[f"  answer to {prompt} with seed {prompt_seed}\n"]
+                for prompt, prompt_seed in zip(prompts, prompt_seeds(seed, len(prompts)))]
 
 
 def test_responses_resume_and_merge(tmp_path):
@@ -266,6 +282,18 @@ def test_responses_resume_and_merge(tmp_path):
         merge_responses({}, [str(p) for p in paths], str(instructions), str(out))
     with pytest.raises(DataError, match="twice"):
         merge_responses({}, [str(paths[0]), str(paths[0])], str(instructions), str(out))
+
+
+def test_responses_do_not_depend_on_the_batch_size(tmp_path):
+    instructions = tmp_path / "instructions.jsonl"
+    write_jsonl_atomic(instructions, response_records(9))
+    outputs = set()
+    for batch_size in (1, 4, 16):
+        out = tmp_path / f"responses-{batch_size}.jsonl"
+        settings = {"label": "r1-probes", "shards": 1, "seed": 1, "batch_size": batch_size, "response_sampling": SAMPLING}
+        synthesize_responses(settings, str(instructions), "unused", str(out), 0, generator_factory=EchoTeacher)
+        outputs.add(out.read_bytes())
+    assert len(outputs) == 1
 
 
 def test_split_keeps_groups_whole_and_is_seeded(tmp_path):
