@@ -264,12 +264,13 @@ def _scheduled(trainer_cls):
             self._schedule_key = schedule_key
             super().__init__(*args, **kwargs)
 
+        # `create_scheduler` is the Trainer's documented override point. Its own version also sets a
+        # private flag that makes a second train() call rebuild the scheduler; every trainer here
+        # runs train() once (a resume is a new process and a new trainer), so none is needed.
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.lr_scheduler is None:
                 self.lr_scheduler = make_scheduler(optimizer or self.optimizer, self._lr_schedule,
                                                    num_training_steps, self._schedule_key)
-                # The trainer recreates schedulers it marks as its own on every train() call.
-                self._created_lr_scheduler = True
             return self.lr_scheduler
 
     Scheduled.__name__ = Scheduled.__qualname__ = f"Scheduled{trainer_cls.__name__}"
@@ -453,8 +454,31 @@ def dpo_tokenize(tokenizer, prompt: str, chosen: str, rejected: str) -> dict:
     }
 
 
+# TRL 1.16's DPOTrainer has no public way in for pre-tokenized pairs: its only tokenization is the
+# private `_prepare_dataset(dataset, processing_class, args, dataset_name)`, which would add a
+# second BOS to our already templated prompts. We override it, pin TRL to 1.16.x (pyproject.toml),
+# and check here, and in tests/test_training.py, that the hook is still the one we override.
+DPO_PREPARE_DATASET_PARAMETERS = ("self", "dataset", "processing_class", "args", "dataset_name")
+
+
+def check_dpo_prepare_dataset_hook(trainer_cls) -> None:
+    import inspect
+
+    import trl
+
+    hook = getattr(trainer_cls, "_prepare_dataset", None)
+    parameters = tuple(inspect.signature(hook).parameters) if hook else None
+    if parameters != DPO_PREPARE_DATASET_PARAMETERS:
+        raise MontessoriError(
+            f"trl {trl.__version__}: DPOTrainer._prepare_dataset is {parameters}, not "
+            f"{DPO_PREPARE_DATASET_PARAMETERS}: montessori.training tokenizes DPO pairs through it "
+            f"(tested with trl 1.16); install trl 1.16.x (requirements-cpu.txt)")
+
+
 def _dpo_trainer_cls():
     from trl import DPOTrainer
+
+    check_dpo_prepare_dataset_hook(DPOTrainer)
 
     class VerbatimPromptDPOTrainer(_scheduled(DPOTrainer)):
         """DPO on prompts that are already chat-formatted: tokenized verbatim by `dpo_tokenize`."""

@@ -290,3 +290,21 @@ def test_dpo_refuses_prompts_longer_than_max_length(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="dpo.max_length"):
         train_dpo(settings, str(card), str(pairs), str(tmp_path / "out"), str(tmp_path / "done"),
                   str(tmp_path / "loss.json"), str(tmp_path / "loss.png"))
+
+
+def test_an_upgrade_that_changes_the_dpo_hook_we_override_fails_loudly():
+    """TRL 1.16 has no public way in for pre-tokenized DPO pairs; the private hook is checked."""
+    from trl import DPOTrainer
+
+    from montessori.errors import MontessoriError
+    from montessori.training import check_dpo_prepare_dataset_hook
+
+    check_dpo_prepare_dataset_hook(DPOTrainer)  # the installed TRL has the hook we override
+
+    class Renamed:
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name, extra):
+            return dataset
+
+    for changed in (Renamed, object):
+        with pytest.raises(MontessoriError, match=r"trl .*_prepare_dataset .*install trl 1\.16"):
+            check_dpo_prepare_dataset_hook(changed)
