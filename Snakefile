@@ -26,4 +26,5 @@ include: "rules/report.smk"
 rule all:
     input:
         REPORT,
+        storage_cleanup(),
     default_target: True

@@ -60,6 +60,34 @@ def section(dotted: str, drop: tuple[str, ...] = ()) -> dict:
     return result_section(config, dotted, drop)
 
 
+# ---- storage: an artifact kind not kept is a temp() output, removed once its readers finished ----
+KEEP = config["storage"]["keep"]
+
+
+def kept(path: str, kind: str):
+    return path if KEEP[kind] else temp(path)
+
+
+def storage_cleanup() -> list[str]:
+    """Sentinels of the cleanup jobs `all` asks for: the warm-up checkpoint directory is not a
+    declared output (Snakemake would wipe it before a rerun, losing the checkpoints a resume needs),
+    so a job removes it once the round's influence is merged."""
+    return [] if KEEP["warmup"] else [f"{R}/round{k}/warmup.removed" for k in ROUNDS]
+
+
+# Jobs of seconds: run by Snakemake itself, never waiting in a cluster queue.
+localrules:
+    seed_pool,
+    reference_set,
+    merge_instructions,
+    merge_responses,
+    split_probes,
+    merge_influence,
+    preference_pairs,
+    remove_warmup,
+    report,
+
+
 # torch would otherwise start a thread per core of the node: on a shared cluster node, or with
 # several jobs on a laptop, oversubscribed OpenMP threads spin against each other.
 THREAD_LIMITS = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"

@@ -32,7 +32,7 @@ rule warmup:
         data=f"{R}/round{{k}}/probes/warmup.jsonl",
     output:
         # The sentinel is the output: Snakemake would wipe a directory() output before a rerun.
-        done=f"{R}/round{{k}}/warmup.done",
+        done=kept(f"{R}/round{{k}}/warmup.done", "warmup"),
     params:
         out_dir=f"{R}/round{{k}}/warmup",
         settings=settings(**config["warmup"], seed=config["seed"], chat_template=config["models"]["chat_template"]),
@@ -108,3 +108,24 @@ rule merge_influence:
         montessori("merge_influence")
         + " --shard-paths {input.shards} --probing {input.probing} --out {output.scores}"
         + " --summary {output.summary} --histogram {output.histogram} > {log} 2>&1"
+
+
+rule remove_warmup:
+    """storage.keep.warmup false: the round's warm-up checkpoint goes once its influence is merged
+    (every shard has read it). warmup.done is then a removed temp() file: `snakemake -n` has
+    nothing to do, and an influence rerun trains the warm-up again."""
+    input:
+        f"{R}/round{{k}}/influence/influence.jsonl",
+    output:
+        f"{R}/round{{k}}/warmup.removed",
+    params:
+        out_dir=f"{R}/round{{k}}/warmup",
+    log:
+        f"{LOGS}/round{{k}}/remove_warmup.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "(du -sh {params.out_dir} || true; rm -rf {params.out_dir}; echo removed {params.out_dir}) > {log} 2>&1"
+        " && touch {output}"

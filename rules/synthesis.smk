@@ -28,7 +28,7 @@ rule synth_instructions:
         seed_pool=f"{R}/seed_pool.jsonl",
         teacher=synthesis_teacher_card,
     output:
-        f"{R}/round{{k}}/{{set}}/instructions.shard-{{shard}}.jsonl",
+        kept(f"{R}/round{{k}}/{{set}}/instructions.shard-{{shard}}.jsonl", "synthesis_shards"),
     params:
         settings=lambda w: synthesis_settings(w, "synth_instructions"),
     log:
@@ -82,7 +82,7 @@ rule synth_responses:
         instructions=f"{R}/round{{k}}/{{set}}/instructions.jsonl",
         teacher=synthesis_teacher_card,
     output:
-        f"{R}/round{{k}}/{{set}}/responses.shard-{{shard}}.jsonl",
+        kept(f"{R}/round{{k}}/{{set}}/responses.shard-{{shard}}.jsonl", "synthesis_shards"),
     params:
         settings=lambda w: synthesis_settings(w, "synth_responses"),
     log:

@@ -59,3 +59,24 @@ def student(tmp_path, tiny_model_dir) -> Path:
     card = tmp_path / "student.json"
     write_model_card(card, tiny_model_dir)
     return card
+
+
+# ---- the finished tiny pipeline run, shared by the pipeline-level tests -------------------------
+# One end-to-end run per session for every test that only reads it (test_pipeline.py, and the
+# uninterrupted reference of test_resume.py); a test that writes takes `tiny_run_copy`.
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory):
+    from pipeline_helpers import make_workdir, run_tiny_pipeline
+
+    return run_tiny_pipeline(make_workdir(tmp_path_factory.mktemp("tiny-run")))
+
+
+@pytest.fixture()
+def tiny_run_copy(finished_tiny_run, tmp_path):
+    """The finished run hard-linked into a directory of this test's own (stages replace outputs by
+    rename, so writing into the copy never changes the shared run)."""
+    from pipeline_helpers import FinishedRun, copy_of_run
+
+    return FinishedRun(copy_of_run(finished_tiny_run, tmp_path / "work"))

@@ -8,8 +8,9 @@ a clone, and the embedded model is converted once per machine, not once per run.
 Rules call `python -m montessori`: every Snakemake started here gets this interpreter's `bin/`
 first on PATH, so jobs run in the environment the tests run in.
 
-`finished_tiny_run` is the pipeline run end to end once per pytest session on
-tests/configs/tiny.yaml; modules that import it share that one run.
+The fixtures `finished_tiny_run` (the pipeline run end to end once per pytest session on
+tests/configs/tiny.yaml) and `tiny_run_copy` (a hard-linked copy of it, for a test that writes)
+live in conftest.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,23 +136,25 @@ class PlannedJob:
     reason: str = ""
     jobid: str = ""
     resources: dict[str, str] = field(default_factory=dict)
+    local: bool = False             # a `localrules` job: Snakemake runs it itself, never submitted
 
     @property
     def key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
         return self.rule, tuple(sorted(self.wildcards.items()))
 
 
-RULE_BLOCK = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n?)*)", re.MULTILINE)
+RULE_BLOCK = re.compile(r"^(local)?rule (\w+):\n((?:    .*\n?)*)", re.MULTILINE)
 
 
 def planned_jobs(snakemake_output: str) -> list[PlannedJob]:
     """The jobs a (dry) run printed, each with its wildcards and Snakemake's reason for running it."""
     jobs = []
-    for rule, body in RULE_BLOCK.findall(snakemake_output):
+    for local, rule, body in RULE_BLOCK.findall(snakemake_output):
         fields = dict(re.findall(r"^    (\w+): (.*)$", body, re.MULTILINE))
         wildcards = dict(item.split("=", 1) for item in fields["wildcards"].split(", ")) if "wildcards" in fields else {}
         resources = dict(item.split("=", 1) for item in fields["resources"].split(", ")) if "resources" in fields else {}
-        jobs.append(PlannedJob(rule, wildcards, fields.get("reason", ""), fields.get("jobid", ""), resources))
+        jobs.append(PlannedJob(rule, wildcards, fields.get("reason", ""), fields.get("jobid", ""), resources,
+                               local=bool(local)))
     return jobs
 
 
@@ -203,21 +207,17 @@ class FinishedRun:
         return self.workdir / TINY_RESULTS
 
 
-_finished_tiny_run: FinishedRun | None = None
+def run_tiny_pipeline(workdir: Path) -> FinishedRun:
+    """The tiny config end to end with the workflow profile (as `snakemake` runs it) in `workdir`."""
+    started = time.monotonic()
+    run = run_snakemake(workdir, *LOCAL_CORES, *TINY, timeout=END_TO_END_TIMEOUT, log=workdir / "snakemake.log")
+    logger.warning("tiny pipeline end to end: %.0f s (%s)", time.monotonic() - started, workdir)
+    assert run.returncode == 0, run.stdout[-6000:]
+    return FinishedRun(workdir)
 
 
-@pytest.fixture(scope="session")
-def finished_tiny_run(tmp_path_factory) -> FinishedRun:
-    """The tiny config run end to end with the workflow profile (as `snakemake` runs it), once per
-    session however many modules import this fixture."""
-    global _finished_tiny_run
-    if _finished_tiny_run is None:
-        workdir = make_workdir(tmp_path_factory.mktemp("tiny-run"))
-        started = time.monotonic()
-        run = run_snakemake(workdir, *LOCAL_CORES, *TINY, timeout=END_TO_END_TIMEOUT,
-                            log=workdir / "snakemake.log")
-        seconds = time.monotonic() - started
-        logger.warning("tiny pipeline end to end: %.0f s (%s)", seconds, workdir)
-        assert run.returncode == 0, run.stdout[-6000:]
-        _finished_tiny_run = FinishedRun(workdir)
-    return _finished_tiny_run
+def copy_of_run(finished: FinishedRun, destination: Path) -> Path:
+    """The finished run's working directory with its files hard-linked (every stage replaces its
+    outputs by rename, so the copy never writes into the shared run) and its symlinks kept."""
+    shutil.copytree(finished.workdir, destination, symlinks=True, copy_function=os.link)
+    return destination

@@ -13,7 +13,6 @@ from pipeline_helpers import (
     ROOT,
     TINY,
     TINY_RESULTS,
-    finished_tiny_run,  # noqa: F401 (a fixture, shared by the session)
     job_stats,
     make_workdir,
     output_mtimes,
@@ -43,6 +42,8 @@ def expected_job_counts(config: dict) -> dict[str, int]:
         "merge_influence": rounds, "preference_pairs": rounds, "dpo_teacher": rounds,
         "sft_student": rounds * len(methods), "report": 1, "all": 1,
     }
+    if not config["storage"]["keep"]["warmup"]:
+        counts["remove_warmup"] = rounds
     return counts | {rule: students for rule in EVAL_RULES}
 
 
@@ -70,6 +71,25 @@ def test_dry_run_draws_the_whole_dag(tmp_path):
     assert not (workdir / "results").exists(), "a dry run writes nothing"
 
 
+SMALL_JOBS = {"seed_pool", "reference_set", "merge_instructions", "merge_responses", "split_probes",
+              "merge_influence", "preference_pairs", "remove_warmup", "report"}
+
+
+def test_small_jobs_are_local_rules(tmp_path):
+    """On a cluster, jobs of seconds run in Snakemake's own process instead of waiting in the queue.
+    (A dry run prints every job as `rule`, so the workflow is loaded through Snakemake's API.)"""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import OutputSettings, ResourceSettings
+
+    workdir = make_workdir(tmp_path / "work")
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=workdir / "Snakefile",
+                                workdir=workdir)._workflow
+        # is_local() holds for every rule when jobs run locally; the declared set is what a cluster uses.
+        declared = set(workflow._localrules)
+    assert declared == SMALL_JOBS
+
+
 @pytest.mark.parametrize("preset", ["llama3-8b", "tinyllama"])
 def test_each_preset_plans_the_whole_dag_with_its_gpus(tmp_path, preset):
     """The paper presets, as a cluster user starts them (models and seeds by hub name; a dry run
@@ -89,7 +109,7 @@ def test_each_preset_plans_the_whole_dag_with_its_gpus(tmp_path, preset):
 
 
 @pytest.mark.slow
-def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):  # noqa: F811 (fixture)
+def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):
     results = finished_tiny_run.results
     with open(results / "report.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -111,7 +131,7 @@ def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):  #
 
 
 @pytest.mark.slow
-def test_every_jsonl_output_parses(finished_tiny_run):  # noqa: F811 (fixture)
+def test_every_jsonl_output_parses(finished_tiny_run):
     results = finished_tiny_run.results
     paths = sorted(results.rglob("*.jsonl"))
     assert not list(results.rglob("*.partial")), "every shard finished and was renamed"
@@ -132,7 +152,7 @@ def test_every_jsonl_output_parses(finished_tiny_run):  # noqa: F811 (fixture)
 
 
 @pytest.mark.slow
-def test_a_second_identical_run_has_nothing_to_do(finished_tiny_run):  # noqa: F811 (fixture)
+def test_a_second_identical_run_has_nothing_to_do(finished_tiny_run):
     workdir = finished_tiny_run.workdir
     before = output_mtimes(workdir)
     again = run_snakemake(workdir, *LOCAL_CORES, *TINY)
@@ -147,7 +167,7 @@ def expected_after_student_swap(config: dict) -> set:
     k = {"k": "1"}
     trained_set = "montessori/train"
     jobs = [("prepare_model", {"role": "student"}), ("warmup", k), ("merge_influence", k),
-            ("preference_pairs", k), ("dpo_teacher", k), ("report", {}), ("all", {}),
+            ("preference_pairs", k), ("dpo_teacher", k), ("report", {}), ("all", {}), ("remove_warmup", k),
             ("merge_instructions", k | {"set": trained_set}), ("merge_responses", k | {"set": trained_set})]
     jobs += [("influence", k | {"shard": str(s)}) for s in range(config["influence"]["shards"])]
     jobs += [(rule, k | {"set": trained_set, "shard": str(s)})
@@ -158,7 +178,7 @@ def expected_after_student_swap(config: dict) -> set:
 
 
 @pytest.mark.slow
-def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run, tmp_path):  # noqa: F811 (fixture)
+def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run, tmp_path):
     workdir = finished_tiny_run.workdir
     # The same weights under another name: a local directory is a different student to the config.
     student = tmp_path / "student-copy"
@@ -179,3 +199,56 @@ def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run,
     # The teacher-only sets: the probes and the untrained teacher's self_instruct training set.
     assert not [key for key in planned if dict(key[1]).get("set") in ("probes", "self_instruct/train")]
     assert (workdir / TINY_RESULTS / "models" / "student.json").read_text().count("student-copy") == 0
+
+
+def dry_run_with(workdir, tmp_path, override: dict):
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    dry = run_snakemake(workdir, "--dry-run", *TINY, str(path))
+    assert dry.returncode == 0, dry.stdout[-4000:]
+    return dry
+
+
+# Every throughput setting (montessori/runtime.py, plus threads and GPU counts, which only reach the
+# scheduler), changed at once: if any one of them reached a job's params, the job would be planned.
+THROUGHPUT_CHANGES = {
+    "synthesis": {"batch_size": 3, "gpu_memory_utilization": 0.5, "api_concurrency": 2},
+    "influence": {"batch_size": 3, "gpus_per_shard": 2},
+    "evaluation": {"lm_eval": {"batch_size": 1}},
+    "compute": {"gpus": 1, "training_gpus": 1, "threads": 2},
+}
+
+
+@pytest.mark.slow
+def test_changing_throughput_settings_plans_nothing(finished_tiny_run, tmp_path):
+    dry = dry_run_with(finished_tiny_run.workdir, tmp_path, THROUGHPUT_CHANGES)
+    assert "Nothing to be done" in dry.stdout, {job.key: job.reason for job in planned_jobs(dry.stdout)}
+
+
+def expected_after_pairs_change() -> set:
+    """pairs.min_margin: the pairs, the teacher's DPO on them, its training set, the montessori
+    student and its evaluations, the report. Not the probes, the influence or the baseline."""
+    k = {"k": "1"}
+    trained = k | {"set": "montessori/train"}
+    jobs = [("preference_pairs", k), ("dpo_teacher", k), ("merge_instructions", trained),
+            ("merge_responses", trained), ("sft_student", k | {"method": "montessori"}), ("report", {}), ("all", {})]
+    jobs += [(rule, trained | {"shard": str(s)}) for rule in ("synth_instructions", "synth_responses") for s in (0, 1)]
+    jobs += [(rule, {"student": "montessori-round1"}) for rule in EVAL_RULES]
+    return {(rule, tuple(sorted(wildcards.items()))) for rule, wildcards in jobs}
+
+
+@pytest.mark.slow
+def test_changing_a_result_setting_plans_exactly_its_dependents(finished_tiny_run, tmp_path):
+    dry = dry_run_with(finished_tiny_run.workdir, tmp_path, {"pairs": {"min_margin": 0.5}})
+    planned = {job.key: job.reason for job in planned_jobs(dry.stdout)}
+    assert set(planned) == expected_after_pairs_change(), planned
+    assert "params have changed" in planned[("preference_pairs", (("k", "1"),))].lower()
+
+
+@pytest.mark.slow
+def test_the_warmup_checkpoint_is_removed_once_influence_is_merged(finished_tiny_run):
+    round1 = finished_tiny_run.results / "round1"
+    assert (round1 / "warmup.removed").exists()
+    assert not (round1 / "warmup").exists(), "storage.keep.warmup is false in the tiny config"
+    assert not (round1 / "warmup.done").exists(), "the sentinel is a temp() output"
+    assert (round1 / "influence" / "influence.jsonl").exists()

@@ -4,10 +4,7 @@ run adds the next round without redoing the first."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +13,6 @@ from pipeline_helpers import (
     TINY,
     TINY_RESULTS,
     FinishedRun,
-    finished_tiny_run,  # noqa: F401 (a fixture, shared by the session)
     make_workdir,
     output_mtimes,
     planned_jobs,
@@ -50,16 +46,9 @@ def test_round_two_is_wired_to_round_one_models(tmp_path):
     assert f"{RESULTS}/round1/montessori/student.done" in job_inputs(out, "sft_student", "k=2, method=montessori")
 
 
-def copy_of_run(finished: FinishedRun, destination: Path) -> Path:
-    """The finished run's working directory with its files hard-linked (every stage replaces its
-    outputs by rename, so the copy never writes into the shared run) and its symlinks kept."""
-    shutil.copytree(finished.workdir, destination, symlinks=True, copy_function=os.link)
-    return destination
-
-
 @pytest.mark.slow
-def test_a_second_round_extends_a_finished_run(tmp_path, finished_tiny_run: FinishedRun):  # noqa: F811
-    workdir = copy_of_run(finished_tiny_run, tmp_path / "work")
+def test_a_second_round_extends_a_finished_run(tiny_run_copy: FinishedRun):
+    workdir = tiny_run_copy.workdir
     round1 = output_mtimes(workdir, f"{RESULTS}/round1")
     run = run_snakemake(workdir, *LOCAL_CORES, ROUND2_STUDENT, *TWO_ROUNDS, timeout=2400,
                         log=workdir / "snakemake-round2.log")
