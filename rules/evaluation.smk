@@ -54,7 +54,7 @@ rule eval_alpaca_generate:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=GPUS,
+        **gpu_job(GPUS),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -84,7 +84,7 @@ rule eval_alpaca_judge:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=lambda w: GPUS if config["evaluation"]["judge"]["type"] == "local" else 0,
+        **judge_job(),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -108,7 +108,7 @@ rule eval_mt_bench_generate:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=GPUS,
+        **gpu_job(GPUS),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -136,7 +136,7 @@ rule eval_mt_bench_judge:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=lambda w: GPUS if config["evaluation"]["judge"]["type"] == "local" else 0,
+        **judge_job(),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -160,7 +160,7 @@ rule eval_lm_eval:
     resources:
         mem_mb=32000,
         runtime=240,
-        gpu=GPUS,
+        **gpu_job(GPUS),
     conda:
         "../envs/evaluation.yaml"
     shell:
