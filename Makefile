@@ -1,4 +1,4 @@
-# The two commands of the README. Both create .venv on first use (CPU torch; pinned versions).
+# The README's commands. Each creates .venv on first use (CPU torch; pinned versions).
 PYTHON := $(shell command -v python3)
 VENV := .venv
 CORES ?= 2
