@@ -4,7 +4,6 @@ how a site profile combines with the workflow profile: unit tests and dry runs, 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
