@@ -1,6 +1,7 @@
 """A site's own SLURM profile on a real SLURM (tests/slurm_cluster.py): a profile of another name
-that sets only the executor and the account, plus our workflow profile and rules, must put GPU
-jobs in the GPU partition with their gpu/gpu_model requests, read back from SLURM's own records.
+that sets only the executor, the account and `jobs` (Snakemake requires it of any cluster run),
+plus our workflow profile and rules, must put GPU jobs in the GPU partition with their
+gpu/gpu_model requests, read back from SLURM's own records.
 (`snakemake --profile slurm` with ours installed runs in tests/test_slurm_pipeline.py.)"""
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def test_a_minimal_site_profile_gets_gpu_jobs_right(slurm_cluster, tmp_path):  #
     cluster = slurm_cluster
     xdg = tmp_path / "xdg"
     (xdg / "snakemake" / "mysite").mkdir(parents=True)
+    # Snakemake itself wants `jobs` with any cluster executor; nothing else about the workflow.
     (xdg / "snakemake" / "mysite" / "config.yaml").write_text(yaml.safe_dump(
-        {"executor": "slurm", "default-resources": {"slurm_account": cluster.account}}))
+        {"executor": "slurm", "jobs": 10, "default-resources": {"slurm_account": cluster.account}}))
     # The user names only the GPU partition; the CPU job goes to the cluster's default partition.
     env = cluster.env(site={"MONTESSORI_SLURM_GPU_PARTITION": cluster.gpu_partition}) | {"XDG_CONFIG_HOME": str(xdg)}
     workdir = tmp_path / "work"
