@@ -1,11 +1,11 @@
-# The two commands of the README. Both create .venv on first use (CPU torch; pinned versions).
+# The README's commands. Each creates .venv on first use (CPU torch; pinned versions).
 PYTHON := $(shell command -v python3)
 VENV := .venv
 CORES ?= 2
 # Rules run `python -m montessori`: the venv's python must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: pipeline test
+.PHONY: pipeline test install-profile
 
 $(VENV)/.installed: pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +21,6 @@ pipeline: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
+# Our SLURM site profile as `slurm` in Snakemake's user config folder (FORCE=1 replaces one).
+install-profile: $(VENV)/.installed
+	$(VENV)/bin/python -m montessori install-profile $(if $(FORCE),--force)

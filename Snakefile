@@ -2,7 +2,7 @@
 #
 #   snakemake --cores 2                       run the embedded default (config.yaml) on a CPU
 #   snakemake -n                              dry run: the jobs that would run
-#   snakemake --profile profiles/slurm --configfile presets/llama3-8b.yaml    a SLURM cluster
+#   snakemake --profile slurm --configfile presets/llama3-8b.yaml    a SLURM cluster (docs/cluster.md)
 #
 # This file is parsed again inside every cluster job: keep its top level light (no torch).
 

@@ -55,7 +55,8 @@ def _value(text: str):
 def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in STAGES:
         stages = "\n  ".join(STAGES)
-        raise SystemExit(f"usage: python -m montessori STAGE --settings JSON [--runtime JSON] [--key value ...]\nstages:\n  {stages}")
+        raise SystemExit(f"usage: python -m montessori STAGE --settings JSON [--runtime JSON] [--key value ...]\n"
+                         f"       python -m montessori install-profile [--force]\nstages:\n  {stages}")
     stage, rest = argv[0], argv[1:]
     kwargs: dict[str, list] = {}
     key = None
@@ -81,7 +82,13 @@ def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    stage, settings, kwargs = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install-profile"]:
+        # Not a stage: a one-off setup command for users (docs/cluster.md), no --settings.
+        from .cluster import install_profile_main
+
+        return install_profile_main(argv[1:])
+    stage, settings, kwargs = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr,
         format=f"%(asctime)s [{stage}] %(levelname)s %(name)s: %(message)s",

@@ -3,9 +3,11 @@ import json
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from montessori import cluster
 from montessori.config import validate_config
 from montessori.errors import ConfigError
 from montessori.runtime import result_section, runtime_settings
+from montessori.memory import rule_memory_mb
 
 try:
     validate_config(config)
@@ -24,6 +26,10 @@ GPUS = config["compute"]["gpus"]
 TRAINING_GPUS = config["compute"]["training_gpus"]
 THREADS = config["compute"]["threads"]
 REPORT = f"{R}/report.md"
+try:
+    SITE = cluster.site_settings(config["compute"]["slurm"])
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
 
 SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api)/train"
 
@@ -110,6 +116,48 @@ def training_launcher(stage: str) -> str:
         return (f"{THREAD_LIMITS} accelerate launch --config_file {config['compute']['accelerate_config']} "
                 f"--num_processes {TRAINING_GPUS} {stage_arguments(stage)}")
     return montessori(stage)
+
+
+# ---- what each job asks SLURM for (montessori/cluster.py says why the rules, not a profile) --
+def executor_name() -> str | None:
+    """The executor Snakemake runs jobs with; known once it builds the jobs, not at parse time."""
+    plugin = workflow.executor_plugin
+    return None if plugin is None else plugin.name
+
+
+def gpu_job(gpus: int) -> dict:
+    """Resources of a job on `gpus` GPUs: gpu, gpu_model, cpus_per_gpu, one node, the GPU
+    partition; a CPU job when gpus is 0."""
+    return cluster.gpu_job(SITE, gpus, executor_name)
+
+
+def cpu_job() -> dict:
+    return cluster.cpu_job(SITE)
+
+
+onstart:
+    # Snakemake evaluates a job's resources only when it submits that job: without this, the CPU
+    # jobs ahead of the first GPU job would be queued before a missing GPU partition is noticed.
+    for job in workflow.dag.needrun_jobs():
+        job.resources
+
+
+def judge_job() -> dict:
+    """A local judge is a model on GPUs; an API judge only waits on HTTP, on the CPU partition."""
+    return gpu_job(GPUS) if config["evaluation"]["judge"]["type"] == "local" else cpu_job()
+
+
+def memory_mb(kind: str):
+    """mem_mb from the model's size (montessori/memory.py), doubled on the retry after a failure;
+    computed when Snakemake builds the jobs, so that commands that build none (--unlock) never
+    need the model's shape."""
+    def mem_mb(wildcards, attempt):
+        try:
+            return rule_memory_mb(kind, config) * attempt
+        except ConfigError as err:
+            raise WorkflowError(str(err)) from None
+
+    return mem_mb
 
 
 # ---- models: which card each round reads -------------------------------------------------

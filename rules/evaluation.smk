@@ -53,7 +53,7 @@ rule eval_alpaca_generate:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=GPUS,
+        **gpu_job(GPUS),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -83,7 +83,7 @@ rule eval_alpaca_judge:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=lambda w: GPUS if config["evaluation"]["judge"]["type"] == "local" else 0,
+        **judge_job(),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -107,7 +107,7 @@ rule eval_mt_bench_generate:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=GPUS,
+        **gpu_job(GPUS),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -136,7 +136,7 @@ rule eval_mt_bench_judge:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=lambda w: GPUS if config["evaluation"]["judge"]["type"] == "local" else 0,
+        **judge_job(),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -160,7 +160,7 @@ rule eval_lm_eval:
     resources:
         mem_mb=32000,
         runtime=240,
-        gpu=GPUS,
+        **gpu_job(GPUS),
     conda:
         "../envs/evaluation.yaml"
     shell:

@@ -19,6 +19,7 @@ rule reference_set:
     resources:
         mem_mb=4000,
         runtime=30,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:
@@ -42,9 +43,9 @@ rule warmup:
         f"{BENCH}/round{{k}}/warmup.tsv"
     threads: THREADS
     resources:
-        mem_mb=lambda w, attempt: 32000 * attempt,
+        mem_mb=memory_mb("warmup"),
         runtime=240,
-        gpu=TRAINING_GPUS,
+        **gpu_job(TRAINING_GPUS),
     retries: 1
     conda:
         "../envs/training.yaml"
@@ -71,9 +72,9 @@ rule influence:
         f"{BENCH}/round{{k}}/influence.shard-{{shard}}.tsv"
     threads: THREADS
     resources:
-        mem_mb=lambda w, attempt: 32000 * attempt,
+        mem_mb=memory_mb("influence"),
         runtime=480,
-        gpu=GPUS * config["influence"]["gpus_per_shard"],
+        **gpu_job(GPUS * config["influence"]["gpus_per_shard"]),
     retries: 1
     conda:
         "../envs/training.yaml"
@@ -102,6 +103,7 @@ rule merge_influence:
     resources:
         mem_mb=4000,
         runtime=30,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:

@@ -15,6 +15,7 @@ rule prepare_model:
     resources:
         mem_mb=4000,
         runtime=60,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:

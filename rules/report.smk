@@ -49,6 +49,7 @@ rule report:
     resources:
         mem_mb=4000,
         runtime=30,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:

@@ -16,6 +16,7 @@ rule seed_pool:
     resources:
         mem_mb=4000,
         runtime=30,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:
@@ -39,7 +40,7 @@ rule synth_instructions:
     resources:
         mem_mb=32000,
         runtime=240,
-        gpu=GPUS,
+        **gpu_job(GPUS),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -69,6 +70,7 @@ rule merge_instructions:
     resources:
         mem_mb=8000,
         runtime=60,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:
@@ -93,7 +95,7 @@ rule synth_responses:
     resources:
         mem_mb=32000,
         runtime=240,
-        gpu=GPUS,
+        **gpu_job(GPUS),
     conda:
         "../envs/generation.yaml"
     shell:
@@ -118,6 +120,7 @@ rule merge_responses:
     resources:
         mem_mb=8000,
         runtime=30,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:
@@ -142,6 +145,7 @@ rule split_probes:
     resources:
         mem_mb=4000,
         runtime=30,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:

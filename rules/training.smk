@@ -18,6 +18,7 @@ rule preference_pairs:
     resources:
         mem_mb=4000,
         runtime=30,
+        **cpu_job(),
     conda:
         "../envs/base.yaml"
     shell:
@@ -44,9 +45,9 @@ rule dpo_teacher:
         f"{BENCH}/round{{k}}/dpo_teacher.tsv"
     threads: THREADS
     resources:
-        mem_mb=lambda w, attempt: 64000 * attempt,
+        mem_mb=memory_mb("dpo"),
         runtime=720,
-        gpu=TRAINING_GPUS,
+        **gpu_job(TRAINING_GPUS),
     retries: 1
     conda:
         "../envs/training.yaml"
@@ -74,9 +75,9 @@ rule sft_student:
         f"{BENCH}/round{{k}}/{{method}}/sft_student.tsv"
     threads: THREADS
     resources:
-        mem_mb=lambda w, attempt: 64000 * attempt,
+        mem_mb=memory_mb("sft"),
         runtime=1440,
-        gpu=TRAINING_GPUS,
+        **gpu_job(TRAINING_GPUS),
     retries: 1
     conda:
         "../envs/training.yaml"

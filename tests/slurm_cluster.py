@@ -36,9 +36,11 @@ LOOPBACK_OVERRIDES = (
     # There is no slurmdbd, so `sacct` fails and the plugin's default status query would
     # wait forever; squeue works because start-slurm.sh keeps finished jobs for MinJobAge.
     "--slurm-status-command", "squeue",
-    # The default 40 s before the first status check would make each wave of jobs wait 40 s;
-    # it must stay <= MinJobAge / 3 (start-slurm.sh: 600 s) or the plugin falls back to sacct.
-    "--slurm-init-seconds-before-status-checks", "3",
+    # The plugin waits this long before its first status check and again after every check
+    # that finds a job finished, adding 10 s after each check that finds none (up to 180 s):
+    # the default 40 s would make each wave of jobs wait 40 s. It must stay <= MinJobAge / 3
+    # (start-slurm.sh: 600 s) or the plugin falls back to sacct.
+    "--slurm-init-seconds-before-status-checks", "1",
 )
 
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
@@ -80,22 +82,26 @@ class SlurmCluster:
             "MONTESSORI_SLURM_GPU_MODEL": self.gpu_model,
         }
 
-    def env(self) -> dict[str, str]:
+    def env(self, site: dict[str, str] | None = None) -> dict[str, str]:
+        """The submitting environment with the site variables `site` (default: site_env())."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("MONTESSORI_SLURM_")}
         # Jobs inherit the submitting environment (sbatch --export=ALL): a GPU job must see
         # only what SLURM gave it.
         env.pop("CUDA_VISIBLE_DEVICES", None)
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
-        return env | self.site_env()
+        return env | (self.site_env() if site is None else site)
 
     def snakemake(self, *args: str, cwd: Path = ROOT, timeout: int = 600, log: Path | None = None,
+                  profile: str = str(SLURM_PROFILE), env: dict[str, str] | None = None,
                   ) -> subprocess.CompletedProcess:
-        """`snakemake --profile profiles/slurm LOOPBACK_OVERRIDES *args`, output captured (and
-        written to `log`); killed after `timeout` s (a hung Snakemake ignores SIGTERM)."""
+        """`snakemake --profile PROFILE LOOPBACK_OVERRIDES *args` (profiles/slurm unless another
+        profile is named), output captured (and written to `log`); killed after `timeout` s (a
+        hung Snakemake ignores SIGTERM). `env` replaces the site variables of `env()`."""
         command = ["timeout", "-k", "10", str(timeout), sys.executable, "-m", "snakemake",
-                   "--profile", str(SLURM_PROFILE), *LOOPBACK_OVERRIDES, *args]
-        result = subprocess.run(command, check=False, cwd=cwd, env=self.env(), text=True,
+                   "--profile", profile, *LOOPBACK_OVERRIDES, *args]
+        run_env = self.env() if env is None else env
+        result = subprocess.run(command, check=False, cwd=cwd, env=run_env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if log is not None:
             log.write_text(result.stdout)

@@ -1,6 +1,8 @@
 """The pipeline itself on a real SLURM: the tiny config, every rule kind (generation and influence
-shards, merges, training, evaluation, the report), submitted with `sbatch` through the project's
-own `profiles/slurm` on the one-node loopback cluster of tests/slurm_cluster.py.
+shards, merges, training, evaluation, the report), submitted with `sbatch` on the one-node
+loopback cluster of tests/slurm_cluster.py through our site profile as users run it: installed
+with `python -m montessori install-profile` into a temporary user config folder, then
+`snakemake --profile slurm` literally.
 
 The config asks for one GPU per job (`compute.gpus`, `compute.training_gpus`), so GPU rules keep
 their GPU requests and are scheduled on the node's fake typed GPUs; nothing runs on a GPU.
@@ -9,6 +11,8 @@ their GPU requests and are scheduled on the node's fake typed GPUs; nothing runs
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -23,9 +27,12 @@ from pipeline_helpers import (
 )
 from slurm_cluster import LOOPBACK_OVERRIDES, SUBMITTED, slurm_cluster  # noqa: F401 (fixture)
 
-# One GPU per job (`compute.gpus`, `compute.training_gpus`); one method, since the Self-Instruct
-# baseline adds only more jobs of the same rule kinds (and minutes of CI).
-SLURM_RUN = {"compute": {"gpus": 1, "training_gpus": 1}, "methods": ["montessori"]}
+# One GPU per job (`compute.gpus`, `compute.training_gpus`). Every rule kind once, in as few jobs
+# as cover them: one method (the Self-Instruct baseline adds only jobs of the same rules), one
+# shard per generation and influence step (a second shard is the same rule again; the shard
+# merges still run, over one shard).
+SLURM_RUN = {"compute": {"gpus": 1, "training_gpus": 1}, "methods": ["montessori"],
+             "synthesis": {"shards": 1}, "influence": {"shards": 1}}
 RULE_KINDS = {
     "generation shard": {"synth_instructions", "synth_responses"},
     "influence shard": {"influence"},
@@ -51,17 +58,23 @@ def slurm_run(slurm_cluster, tmp_path_factory):  # noqa: F811 (fixture)
     cluster = slurm_cluster
     workdir = make_workdir(tmp_path_factory.mktemp("slurm-run"))
     (workdir / "slurm-run.yaml").write_text(yaml.safe_dump(SLURM_RUN))
-    # The site's variables and a clean GPU environment from the cluster, the venv first on PATH.
+    # The site's variables and a clean GPU environment from the cluster, the venv first on PATH,
+    # and a user config folder of its own, where install-profile puts our profile as `slurm`.
     env = cluster.env() | {key: pipeline_env()[key] for key in ("PATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("user-config"))
+    install = subprocess.run([sys.executable, "-m", "montessori", "install-profile"], check=False, cwd=workdir,
+                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert install.returncode == 0, install.stdout
     started = time.monotonic()
     # The node advertises 40 CPUs, but every job runs on this machine's 2 cores: one torch thread
     # per job keeps the jobs running side by side from spinning against each other.
-    run = run_snakemake(workdir, "--profile", "profiles/slurm", *LOOPBACK_OVERRIDES, "--max-threads", "1",
+    run = run_snakemake(workdir, "--profile", "slurm", *LOOPBACK_OVERRIDES, "--max-threads", "1",
                         *TINY, "slurm-run.yaml",
                         env=env, timeout=RUN_TIMEOUT, log=workdir / "snakemake.log")
     seconds = time.monotonic() - started
     print(f"tiny pipeline through SLURM: {seconds:.0f} s in {workdir}")
     assert run.returncode == 0, run.stdout[-8000:]
+    assert "Using profiles slurm and workflow specific profile profiles/default" in run.stdout
     return cluster, workdir, run.stdout
 
 
@@ -84,7 +97,8 @@ def test_every_job_of_the_pipeline_runs_through_sbatch(slurm_run):
         assert record is not None, f"SLURM has no record of job {slurm_id} ({jobs[jobid].rule})"
         assert record["JobState"] == "COMPLETED", record
         assert record["WorkDir"] == str(workdir)
-        # The rules' memory requests (up to 64 GB for DPO/SFT) reached SLURM and were scheduled.
+        # The rules' memory requests (from the model's size for training and influence) reached
+        # SLURM and were scheduled.
         assert tres_mem_mb(record["Tres"]) == float(jobs[jobid].resources["mem_mb"]), (jobs[jobid].rule, record)
 
 
