@@ -70,7 +70,7 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key_
         if top_logprobs:
             request["top_logprobs"] = top_logprobs
     client = _client(base_url.rstrip("/"), key, float(timeout), int(retries))
-    where = f"{base_url} (config key '{config_key}')"
+    where = f"{base_url.rstrip('/')}/chat/completions (config key '{config_key}')"
     try:
         response = client.chat.completions.create(**request)
     except openai.APITimeoutError:

@@ -2,24 +2,40 @@
 # same way: AlpacaEval-style pairwise judging, MT-Bench single-answer grading, lm-eval-harness.
 # <student> = base | <method>-round<k>.
 
+from montessori.evaluation.judges import judge_loads_a_model
+
 EVAL = f"{R}/eval/{{student}}"
+JUDGE_LOADS_A_MODEL = judge_loads_a_model(config["evaluation"]["judge"])
 
 
 def eval_settings(judging: bool = False, **sections):
     """Settings of an evaluation stage; a judge keeps its own chat template, never the student's."""
+    if judging:
+        return settings(seed=config["seed"], batch_size=config["synthesis"]["batch_size"], chat_template=None,
+                        **sections)
     return settings(
         seed=config["seed"],
         backend=config["backend"],
         batch_size=config["synthesis"]["batch_size"],
         gpu_memory_utilization=config["synthesis"]["gpu_memory_utilization"],
-        chat_template=None if judging else config["models"]["chat_template"],
+        chat_template=config["models"]["chat_template"],
         **sections,
     )
 
 
+def alpaca_section(*keys) -> dict:
+    return {key: config["evaluation"]["alpaca_eval"][key] for key in keys}
+
+
+def alpaca_references() -> dict[str, str]:
+    """{label: reference}: `dataset`, or the method of `method:<name>`; one judged comparison each."""
+    references = config["evaluation"]["alpaca_eval"]["reference"]
+    return {r.split(":", 1)[-1]: r for r in ([references] if isinstance(references, str) else references)}
+
+
 def alpaca_reference(wildcards) -> str:
     """The dataset's reference outputs, or another method's student outputs (the paper's setting)."""
-    reference = config["evaluation"]["alpaca_eval"]["reference"]
+    reference = alpaca_references()[wildcards.reference]
     if reference == "dataset":
         return []
     method = reference.split(":", 1)[1]
@@ -28,7 +44,7 @@ def alpaca_reference(wildcards) -> str:
 
 
 def judge_card(wildcards) -> list[str]:
-    return [base_card("judge")] if config["evaluation"]["judge"]["type"] == "local" else []
+    return [base_card("judge")] if JUDGE_LOADS_A_MODEL else []
 
 
 def judge_option(wildcards, input) -> str:
@@ -45,7 +61,7 @@ rule eval_alpaca_generate:
     output:
         f"{EVAL}/alpaca_eval/outputs.json",
     params:
-        settings=eval_settings(alpaca_eval=config["evaluation"]["alpaca_eval"]),
+        settings=eval_settings(alpaca_eval=alpaca_section("source", "limit", "max_new_tokens", "temperature")),
     log:
         f"{LOGS}/eval/{{student}}/alpaca_generate.log",
     benchmark:
@@ -63,34 +79,38 @@ rule eval_alpaca_generate:
 
 
 rule eval_alpaca_judge:
-    """Pairwise preference against the reference outputs; judgements cached across reruns."""
+    """Pairwise preference against one reference's outputs; judgements cached across reruns."""
     input:
         outputs=f"{EVAL}/alpaca_eval/outputs.json",
         reference=alpaca_reference,
         judge=judge_card,
     output:
-        annotations=f"{EVAL}/alpaca_eval/annotations.json",
-        metrics=f"{EVAL}/alpaca_eval/metrics.json",
+        annotations=f"{EVAL}/alpaca_eval/vs-{{reference}}/annotations.json",
+        metrics=f"{EVAL}/alpaca_eval/vs-{{reference}}/metrics.json",
+    wildcard_constraints:
+        reference="|".join(alpaca_references()),
     params:
-        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"], alpaca_eval=config["evaluation"]["alpaca_eval"]),
-        cache=f"{EVAL}/alpaca_eval/judge_cache.jsonl",
+        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"], alpaca_eval=alpaca_section(
+            "source", "instruction_difficulty", "gamed_annotations", "position_bias_sample")),
+        cache=f"{EVAL}/alpaca_eval/vs-{{reference}}/judge_cache.jsonl",
         reference=reference_option,
         judge=judge_option,
     log:
-        f"{LOGS}/eval/{{student}}/alpaca_judge.log",
+        f"{LOGS}/eval/{{student}}/alpaca_judge_vs-{{reference}}.log",
     benchmark:
-        f"{BENCH}/eval/{{student}}/alpaca_judge.tsv"
+        f"{BENCH}/eval/{{student}}/alpaca_judge_vs-{{reference}}.tsv"
     threads: THREADS
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=lambda w: GPUS if config["evaluation"]["judge"]["type"] == "local" else 0,
+        gpu=GPUS if JUDGE_LOADS_A_MODEL else 0,
     conda:
         "../envs/generation.yaml"
     shell:
         montessori("eval_alpaca_judge")
         + " --outputs {input.outputs} --reference {params.reference} --annotations {output.annotations}"
-        + " --metrics {output.metrics} --cache {params.cache} {params.judge} > {log} 2>&1"
+        + " --metrics {output.metrics} --cache {params.cache} --reference-name {wildcards.reference:q}"
+        + " {params.judge} > {log} 2>&1"
 
 
 rule eval_mt_bench_generate:
@@ -136,7 +156,7 @@ rule eval_mt_bench_judge:
     resources:
         mem_mb=32000,
         runtime=120,
-        gpu=lambda w: GPUS if config["evaluation"]["judge"]["type"] == "local" else 0,
+        gpu=GPUS if JUDGE_LOADS_A_MODEL else 0,
     conda:
         "../envs/generation.yaml"
     shell:

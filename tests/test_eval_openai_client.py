@@ -28,7 +28,7 @@ class Server:
     """A scripted endpoint: each POST takes the next (status, headers, body) from `script`, or
     `hang` (read the request, never answer); past the script's end it answers `default`."""
 
-    def __init__(self, script, default=("hang",)):
+    def __init__(self, script, default=("hang",), port=0):
         self.script, self.default = list(script), default
         self.requests: list[dict] = []
         self.release = threading.Event()
@@ -56,7 +56,7 @@ class Server:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -132,7 +132,7 @@ def test_an_unreachable_endpoint_is_named():
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(EndpointError, match=r"could not reach http://127.0.0.1:\d+/v1 \(config key 'x'\) after 1 attempts"):
+    with pytest.raises(EndpointError, match=r"could not reach http://127.0.0.1:\d+/v1/chat/completions \(config key 'x'\) after 1 attempts"):
         chat_completion(f"http://127.0.0.1:{port}/v1", "m", [], api_key_env="PATH", config_key="x", retries=0)
 
 

@@ -43,7 +43,10 @@ def expected_job_counts(config: dict) -> dict[str, int]:
         "merge_influence": rounds, "preference_pairs": rounds, "dpo_teacher": rounds,
         "sft_student": rounds * len(methods), "report": 1, "all": 1,
     }
-    return counts | {rule: students for rule in EVAL_RULES}
+    references = config["evaluation"]["alpaca_eval"]["reference"]
+    n_references = 1 if isinstance(references, str) else len(references)
+    # one judged AlpacaEval comparison per student and reference
+    return counts | {rule: students for rule in EVAL_RULES} | {"eval_alpaca_judge": students * n_references}
 
 
 def test_dry_run_draws_the_whole_dag(tmp_path):
@@ -66,7 +69,10 @@ def test_dry_run_draws_the_whole_dag(tmp_path):
     assert influence_shards == [str(shard) for shard in range(config["influence"]["shards"])]
     assert sorted(job.wildcards["method"] for job in jobs if job.rule == "sft_student") == sorted(config["methods"])
     for rule in EVAL_RULES:
-        assert sorted(job.wildcards["student"] for job in jobs if job.rule == rule) == STUDENTS, rule
+        if rule != "eval_alpaca_judge":
+            assert sorted(job.wildcards["student"] for job in jobs if job.rule == rule) == STUDENTS, rule
+    judged = sorted((job.wildcards["student"], job.wildcards["reference"]) for job in jobs if job.rule == "eval_alpaca_judge")
+    assert judged == sorted(itertools.product(STUDENTS, ["dataset", "self_instruct"]))
     assert not (workdir / "results").exists(), "a dry run writes nothing"
 
 
