@@ -166,10 +166,27 @@ def test_both_length_controls_match_alpaca_eval(tmp_path, monkeypatch, glm_name)
         difficulty = difficulties_at(by_index, list(range(n)), "instruction_difficulty.csv")
         ours = alpaca_eval_metrics(annotations, instruction_difficulty=difficulty, gamed=gamed)
         assert ours["length_control"] == glm_name and "length_controlled_minimal" not in ours
-        assert ours["length_controlled_winrate"] == pytest.approx(theirs, abs=0.05)
+        assert ours["length_controlled_winrate"] == pytest.approx(theirs, abs=1e-6)
     else:
         ours = alpaca_eval_metrics(annotations)
         assert ours["length_control"] == glm_name and "length_controlled_winrate" not in ours
-        assert ours["length_controlled_minimal"] == pytest.approx(theirs, abs=0.05)
+        assert ours["length_controlled_minimal"] == pytest.approx(theirs, abs=1e-6)
     with pytest.raises(ValueError, match="needs both"):
         alpaca_eval_metrics(annotations, instruction_difficulty=[0.0] * n)
+
+
+def test_script_computes_length_controlled_v1_from_the_files(tmp_path):
+    import numpy as np
+
+    _synthetic_alpaca_eval_files(tmp_path, 12, np.random.default_rng(1))
+    annotations = tmp_path / "annotations.json"
+    _write_annotations(annotations, [1.2, 1.9, 1.4, 1.7, 1.1, 1.8, 1.3, 1.6, 1.5, 1.25, 1.75, 1.05])
+    command = [sys.executable, str(ROOT / "scripts" / "alpaca_eval_metrics.py"), str(annotations),
+               "--instruction-difficulty", str(tmp_path / "instruction_difficulty.csv")]
+    alone = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert alone.returncode == 2 and "needs both" in alone.stderr
+    done = subprocess.run(command + ["--gamed", str(tmp_path / "df_gamed.csv")], capture_output=True, text=True,
+                          check=True)
+    printed = json.loads(done.stdout)
+    assert printed["length_control"] == "length_controlled_v1" and "length_controlled_minimal" not in printed
+    assert 0 < printed["length_controlled_winrate"] < 100
