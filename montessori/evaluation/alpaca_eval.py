@@ -79,11 +79,6 @@ def _cache_key(judge: str, instruction: str, output_first: str, output_second: s
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def reference_label(reference: str) -> str:
-    """`dataset`, or the method of `method:<name>`: the name of a comparison in paths and the report."""
-    return reference.split(":", 1)[1] if reference.startswith("method:") else reference
-
-
 def load_length_control(difficulty_source: str, gamed_source: str) -> tuple[pd.Series, pd.DataFrame]:
     """AlpacaEval's `instruction_difficulty.csv` (row index -> difficulty) and `df_gamed.csv` (the
     gamed baselines' annotations), from a local path or a URL (https://, hf://)."""
@@ -119,7 +114,7 @@ def _position_bias(pairs: list[tuple[float, float]]) -> dict:
     kept = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
     return {
         "position_bias_first_rate": float(np.mean([v for pair in kept for v in pair])) if kept else None,
-        # a consistent judge picks the same output in both orders: a first, then a second shown
+        # consistent: the same output wins in both orders (x > .5 and y < .5: a; x < .5 and y > .5: b)
         "position_bias_consistency": float(np.mean([(x > 0.5) == (y < 0.5) for x, y in kept])) if kept else None,
         "position_bias_n": len(kept),
     }
@@ -182,7 +177,8 @@ def judge_outputs(settings: dict, outputs: str, reference: str, annotations: str
             # (and the cache) sees the same order for the same pair.
             switched = derive_seed(seed, "alpaca_eval_order", row["instruction"], ref["output"], row["output"]) % 2 == 1
             first, second = (row["output"], ref["output"]) if switched else (ref["output"], row["output"])
-            own_generator = row.get("generator") is not None and row.get("generator") == ref.get("generator")
+            own_generator = (row.get("generator") is not None and row.get("generator") == ref.get("generator")
+                             and row["output"] == ref["output"])
             if own_generator:
                 preference, raw = 1.5, "draw by definition: the reference's own generator"
             else:
