@@ -8,6 +8,7 @@ import jsonschema
 import yaml
 
 from .errors import ConfigError
+from .evaluation.judges import judge_type
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -74,12 +75,14 @@ def _check_consistency(config: dict, source: str) -> None:
         teacher = config["external_teacher"]
         if not teacher["base_url"] or not teacher["model"]:
             fail("external_teacher", "method self_instruct_api needs external_teacher.base_url and .model")
-    reference = config["evaluation"]["alpaca_eval"]["reference"]
-    if reference.startswith("method:") and reference.split(":", 1)[1] not in config["methods"]:
-        fail("evaluation.alpaca_eval.reference", f"'{reference}' names a method that is not in 'methods'")
-    judge = config["evaluation"]["judge"]
-    if judge["type"] == "api" and not judge["base_url"]:
-        fail("evaluation.judge.base_url", "an api judge needs an OpenAI-compatible base_url")
+    references = config["evaluation"]["alpaca_eval"]["reference"]
+    for reference in [references] if isinstance(references, str) else references:
+        if reference.startswith("method:") and reference.split(":", 1)[1] not in config["methods"]:
+            fail("evaluation.alpaca_eval.reference", f"'{reference}' names a method that is not in 'methods'")
+    try:
+        judge_type(config["evaluation"]["judge"])  # an api judge names its endpoint and model
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def load_config(*paths: str | Path) -> dict:

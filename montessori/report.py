@@ -22,7 +22,10 @@ from .io import atomic_path, read_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-ALPACA_COLUMNS = ("win_rate", "standard_error", "discrete_win_rate", "length_controlled_winrate", "n_missing")
+# length_controlled_winrate is AlpacaEval 2's length_controlled_v1; without its files the metrics
+# hold length_controlled_minimal instead, and the table shows whichever was computed.
+ALPACA_COLUMNS = ("win_rate", "standard_error", "discrete_win_rate", "length_controlled_winrate",
+                  "length_controlled_minimal", "n_missing", "position_bias_first_rate", "position_bias_consistency")
 MT_BENCH_COLUMNS = ("turn_1", "turn_2", "overall", "n_missing")
 BENCHMARK_FIELDS = ("s", "h:m:s", "max_rss", "max_vms", "max_uss", "max_pss", "io_in", "io_out",
                     "mean_load", "cpu_time")
@@ -48,8 +51,11 @@ def collect_metrics(alpaca_paths: list[str], mt_bench_paths: list[str], lm_eval_
     for path in alpaca_paths:
         record = read_json(path)
         student = _require(record, "generator", path)
+        # one comparison per reference: `dataset`, or the method whose student is the reference
+        versus = record.get("reference", "dataset")
         for key in ALPACA_COLUMNS:
-            rows[student][f"alpaca_eval.{key}"] = record.get(key)
+            if key in record:
+                rows[student][f"alpaca_eval.vs_{versus}.{key}"] = record[key]
     for path in mt_bench_paths:
         record = read_json(path)
         student = _require(record, "model", path)
@@ -152,7 +158,8 @@ def plot_metric_bars(rows: dict[str, dict], students: list[str], out: Path) -> b
     import matplotlib.pyplot as plt
 
     headline = [c for c in _columns(rows)
-                if not re.search(r"(stderr|standard_error|n_missing|discrete)", c) and c != "mt_bench.turn_1"
+                if not re.search(r"(stderr|standard_error|n_missing|discrete|position_bias)", c)
+                and c != "mt_bench.turn_1"
                 and c != "mt_bench.turn_2"]
     if not headline:
         return False
@@ -177,7 +184,7 @@ def build_report(settings: dict, out_md: str, out_csv: str, figures: str, alpaca
     """Stage `report`: report.md, report.csv and figures/*.png for the run.
 
     settings: {"run": run name, "judge": the evaluation judge section (named in the report),
-               "alpaca_eval": {"reference"}}
+               "alpaca_eval": {"reference": one or a list}}
     """
     import matplotlib
 
@@ -218,9 +225,16 @@ def build_report(settings: dict, out_md: str, out_csv: str, figures: str, alpaca
     run = settings.get("run", "run")
     judge = settings.get("judge", {})
     lines = [f"# Montessori-Instruct results: {run}", ""]
-    lines.append(f"Judge: {judge.get('type', 'local')} `{judge.get('model')}`; AlpacaEval reference: "
-                 f"`{settings.get('alpaca_eval', {}).get('reference', 'dataset')}`. Win rates in percent; "
-                 f"MT-Bench scores 1-10 (n_missing: judgements without a rating); lm-eval metrics in [0, 1].")
+    references = settings.get("alpaca_eval", {}).get("reference", "dataset")
+    references = [references] if isinstance(references, str) else references
+    lines.append(f"Judge: {judge.get('type', 'local')} `{judge.get('model')}`; AlpacaEval references: "
+                 f"{', '.join(f'`{r}`' for r in references)} (columns `alpaca_eval.vs_<reference>`; a method's "
+                 f"own student draws with itself, 50% by definition). Win rates in percent; "
+                 f"`length_controlled_winrate` is AlpacaEval 2's length_controlled_v1, `length_controlled_minimal` "
+                 f"its GLM without instruction difficulty and gamed baselines (their files were not given); "
+                 f"position_bias_first_rate: how often the judge prefers the output shown first, over a sample "
+                 f"judged in both orders (0.5 = no bias). MT-Bench scores 1-10 (a local judge's expected rating; "
+                 f"n_missing: judgements without a rating); lm-eval metrics in [0, 1].")
     lines += ["", "## Results", "", "| student | " + " | ".join(columns) + " |",
               "|---" * (len(columns) + 1) + "|"]
     for student in students:

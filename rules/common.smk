@@ -6,6 +6,7 @@ from snakemake.utils import validate
 from montessori import cluster
 from montessori.config import validate_config
 from montessori.errors import ConfigError
+from montessori.evaluation.judges import judge_loads_a_model
 from montessori.runtime import result_section, runtime_settings
 from montessori.memory import rule_memory_mb
 
@@ -144,7 +145,7 @@ onstart:
 
 def judge_job() -> dict:
     """A local judge is a model on GPUs; an API judge only waits on HTTP, on the CPU partition."""
-    return gpu_job(GPUS) if config["evaluation"]["judge"]["type"] == "local" else cpu_job()
+    return gpu_job(GPUS) if judge_loads_a_model(config["evaluation"]["judge"]) else cpu_job()
 
 
 def memory_mb(kind: str):

@@ -3,6 +3,7 @@
 # <student> = base | <method>-round<k>.
 
 EVAL = f"{R}/eval/{{student}}"
+JUDGE_LOADS_A_MODEL = judge_loads_a_model(config["evaluation"]["judge"])
 
 
 def eval_settings(judging: bool = False, **sections):
@@ -16,9 +17,19 @@ def eval_settings(judging: bool = False, **sections):
     )
 
 
+def alpaca_section(*keys) -> dict:
+    return {key: config["evaluation"]["alpaca_eval"][key] for key in keys}
+
+
+def alpaca_references() -> dict[str, str]:
+    """{label: reference}: `dataset`, or the method of `method:<name>`; one judged comparison each."""
+    references = config["evaluation"]["alpaca_eval"]["reference"]
+    return {r.split(":", 1)[-1]: r for r in ([references] if isinstance(references, str) else references)}
+
+
 def alpaca_reference(wildcards) -> str:
     """The dataset's reference outputs, or another method's student outputs (the paper's setting)."""
-    reference = config["evaluation"]["alpaca_eval"]["reference"]
+    reference = alpaca_references()[wildcards.reference]
     if reference == "dataset":
         return []
     method = reference.split(":", 1)[1]
@@ -27,7 +38,7 @@ def alpaca_reference(wildcards) -> str:
 
 
 def judge_card(wildcards) -> list[str]:
-    return [base_card("judge")] if config["evaluation"]["judge"]["type"] == "local" else []
+    return [base_card("judge")] if JUDGE_LOADS_A_MODEL else []
 
 
 def judge_option(wildcards, input) -> str:
@@ -44,7 +55,7 @@ rule eval_alpaca_generate:
     output:
         f"{EVAL}/alpaca_eval/outputs.json",
     params:
-        settings=eval_settings(alpaca_eval=section("evaluation.alpaca_eval", drop=("reference",))),
+        settings=eval_settings(alpaca_eval=alpaca_section("source", "limit", "max_new_tokens", "temperature")),
     log:
         f"{LOGS}/eval/{{student}}/alpaca_generate.log",
     benchmark:
@@ -62,23 +73,26 @@ rule eval_alpaca_generate:
 
 
 rule eval_alpaca_judge:
-    """Pairwise preference against the reference outputs; judgements cached across reruns."""
+    """Pairwise preference against one reference's outputs; judgements cached across reruns."""
     input:
         outputs=f"{EVAL}/alpaca_eval/outputs.json",
         reference=alpaca_reference,
         judge=judge_card,
     output:
-        annotations=f"{EVAL}/alpaca_eval/annotations.json",
-        metrics=f"{EVAL}/alpaca_eval/metrics.json",
+        annotations=f"{EVAL}/alpaca_eval/vs-{{reference}}/annotations.json",
+        metrics=f"{EVAL}/alpaca_eval/vs-{{reference}}/metrics.json",
+    wildcard_constraints:
+        reference="|".join(alpaca_references()),
     params:
-        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"]),
-        cache=f"{EVAL}/alpaca_eval/judge_cache.jsonl",
+        settings=eval_settings(judging=True, judge=config["evaluation"]["judge"], alpaca_eval=alpaca_section(
+            "source", "instruction_difficulty", "gamed_annotations", "position_bias_sample")),
+        cache=f"{EVAL}/alpaca_eval/vs-{{reference}}/judge_cache.jsonl",
         reference=reference_option,
         judge=judge_option,
     log:
-        f"{LOGS}/eval/{{student}}/alpaca_judge.log",
+        f"{LOGS}/eval/{{student}}/alpaca_judge_vs-{{reference}}.log",
     benchmark:
-        f"{BENCH}/eval/{{student}}/alpaca_judge.tsv"
+        f"{BENCH}/eval/{{student}}/alpaca_judge_vs-{{reference}}.tsv"
     threads: THREADS
     resources:
         mem_mb=32000,
@@ -89,7 +103,8 @@ rule eval_alpaca_judge:
     shell:
         montessori("eval_alpaca_judge")
         + " --outputs {input.outputs} --reference {params.reference} --annotations {output.annotations}"
-        + " --metrics {output.metrics} --cache {params.cache} {params.judge} > {log} 2>&1"
+        + " --metrics {output.metrics} --cache {params.cache} --reference-name {wildcards.reference:q}"
+        + " {params.judge} > {log} 2>&1"
 
 
 rule eval_mt_bench_generate:

@@ -4,7 +4,8 @@
 def report_inputs(kind: str) -> list[str]:
     students = evaluated_students()
     paths = {
-        "alpaca": [f"{R}/eval/{s}/alpaca_eval/metrics.json" for s in students],
+        "alpaca": [f"{R}/eval/{s}/alpaca_eval/vs-{label}/metrics.json" for s in students
+                   for label in alpaca_references()],
         "mt_bench": [f"{R}/eval/{s}/mt_bench/scores.json" for s in students],
         "lm_eval": [f"{R}/eval/{s}/lm_eval/results.json" for s in students],
         "influence": [f"{R}/round{k}/influence/histogram.png" for k in ROUNDS] if "montessori" in METHODS else [],

@@ -5,8 +5,10 @@
 
 ANNOTATIONS.json is a JSON list in alpaca_eval's annotation format (`preference`: 1 = output_1,
 the reference, wins; 2 = output_2, the model, wins; fractional = weighted; 1.5 = draw). With
-alpaca_eval's `instruction_difficulty.csv` and `df_gamed.csv` (hub dataset tatsu-lab/alpaca_eval)
-the length-controlled win rate is computed with all of its GLM terms.
+alpaca_eval's `instruction_difficulty.csv` and `df_gamed.csv` (hub dataset tatsu-lab/alpaca_eval;
+local paths, https:// or hf:// URLs) the length-controlled win rate is `length_controlled_v1`
+(`length_controlled_winrate`); without them `length_controlled_minimal`. Row i of the annotations
+is instruction i of the AlpacaEval set (alpaca_eval's convention) unless a row has an `index`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from montessori.errors import MontessoriError
+from montessori.evaluation.alpaca_eval import difficulties_at, load_length_control
 from montessori.evaluation.metrics import alpaca_eval_metrics
 from montessori.io import read_json
 
@@ -39,13 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise MontessoriError(f"{args.annotations}: annotation {index} has no 'preference'")
         difficulty = gamed = None
         if args.instruction_difficulty or args.gamed:
-            import pandas as pd
-
-            if args.instruction_difficulty:
-                series = pd.read_csv(args.instruction_difficulty, index_col=0).squeeze("columns")
-                difficulty = [float(series[i]) for i in range(len(annotations))]
-            if args.gamed:
-                gamed = pd.read_csv(args.gamed).drop(columns=["model"], errors="ignore")
+            if not (args.instruction_difficulty and args.gamed):
+                raise MontessoriError("length_controlled_v1 needs both --instruction-difficulty and --gamed")
+            by_index, gamed = load_length_control(args.instruction_difficulty, args.gamed)
+            positions = [row.get("index", position) for position, row in enumerate(annotations)]
+            difficulty = difficulties_at(by_index, positions, args.instruction_difficulty)
         metrics = alpaca_eval_metrics(annotations, instruction_difficulty=difficulty, gamed=gamed)
     except (MontessoriError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -46,6 +46,10 @@ def test_defaults_fill_missing_sections():
         ({"methods": ["montessori", "self_instruct_api"]}, "'external_teacher'"),
         ({"evaluation": {"alpaca_eval": {"reference": "method:self_instruct"}}, "methods": ["montessori"]},
          "'evaluation.alpaca_eval.reference'"),
+        ({"evaluation": {"alpaca_eval": {"reference": ["dataset", "method:magic"]}}},
+         "'evaluation.alpaca_eval.reference'"),
+        ({"evaluation": {"alpaca_eval": {"reference": ["dataset", "dataset"]}}}, "'evaluation.alpaca_eval.reference'"),
+        ({"evaluation": {"alpaca_eval": {"reference": []}}}, "'evaluation.alpaca_eval.reference'"),
     ],
 )
 def test_bad_values_name_the_key(shipped, override, key):

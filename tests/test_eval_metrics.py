@@ -65,7 +65,7 @@ def test_length_controlled_winrate_without_cross_validation_for_few_rows():
 def test_length_controlled_winrate_of_the_baseline_against_itself_is_50():
     rows = [{"output_1": "a" * n, "output_2": "b" * (2 * n), "preference": 1.8,
              "generator_1": "ref", "generator_2": "ref"} for n in range(1, 8)]
-    assert alpaca_eval_metrics(rows)["length_controlled_winrate"] == 50.0
+    assert alpaca_eval_metrics(rows)["length_controlled_minimal"] == 50.0
 
 
 def test_length_controlled_winrate_with_difficulty_and_gamed_baselines():
@@ -107,12 +107,12 @@ def test_script_prints_every_leaderboard_field(tmp_path):
                           capture_output=True, text=True, check=True)
     printed = json.loads(done.stdout)
     assert set(printed) == {"win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total",
-                            "discrete_win_rate", "length_controlled_winrate"}
+                            "discrete_win_rate", "length_control", "length_controlled_minimal"}
     assert printed["win_rate"] == pytest.approx(50.0)
     assert printed["standard_error"] == pytest.approx(100 * math.sqrt(0.68 / 5) / math.sqrt(6))
     assert (printed["n_wins"], printed["n_wins_base"], printed["n_draws"], printed["n_total"]) == (2, 2, 2, 6)
     assert printed["discrete_win_rate"] == pytest.approx(50.0)
-    assert 0 < printed["length_controlled_winrate"] < 100
+    assert 0 < printed["length_controlled_minimal"] < 100 and printed["length_control"] == "length_controlled_minimal"
 
 
 def test_script_rejects_annotations_without_preference(tmp_path):
@@ -122,3 +122,71 @@ def test_script_rejects_annotations_without_preference(tmp_path):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert "annotation 0 has no 'preference'" in done.stderr
+
+
+def _synthetic_alpaca_eval_files(tmp_path, n_rows, rng):
+    """instruction_difficulty.csv and df_gamed.csv in alpaca_eval's layout, made up for the test."""
+    difficulty = rng.normal(0, 1, n_rows)
+    pd.DataFrame({"instruction_difficulty": difficulty}).to_csv(tmp_path / "instruction_difficulty.csv")
+    gamed = []
+    for model, shift in (("gamed_verbose", 1.0), ("gamed_concise", -1.0)):
+        for i in range(n_rows):
+            length = rng.normal(shift, 0.3)
+            gamed.append({"index": i, "preference": float(1 / (1 + math.exp(-(length + difficulty[i])))),
+                          "std_delta_len": length, "instruction_difficulty": difficulty[i],
+                          "not_gamed_baseline": False, "model": model})
+    pd.DataFrame(gamed).to_csv(tmp_path / "df_gamed.csv", index=False)
+    return difficulty
+
+
+@pytest.mark.parametrize("glm_name", ["length_controlled_v1", "length_controlled_minimal"])
+def test_both_length_controls_match_alpaca_eval(tmp_path, monkeypatch, glm_name):
+    """Our GLM against alpaca_eval's own `get_length_controlled_winrate`, its hub files replaced by
+    synthetic ones: the full model under the leaderboard's name, the minimal one under its own."""
+    import numpy as np
+
+    from montessori.evaluation.alpaca_eval import difficulties_at, load_length_control
+
+    glm_winrate = pytest.importorskip("alpaca_eval.metrics.glm_winrate")
+    monkeypatch.setattr(glm_winrate, "hf_hub_download", lambda filename, **kwargs: str(tmp_path / filename))
+    rng = np.random.default_rng(0)
+    n = 40
+    _synthetic_alpaca_eval_files(tmp_path, n, rng)
+    annotations = []
+    for i in range(n):
+        reference_length, model_length = int(rng.integers(50, 400)), int(rng.integers(50, 400))
+        p_model = 1 / (1 + math.exp(-(model_length - reference_length) / 150 - 0.3))
+        annotations.append({"instruction": f"q{i}", "output_1": "r" * reference_length, "output_2": "m" * model_length,
+                            "generator_1": "reference", "generator_2": "student", "annotator": "judge",
+                            "preference": 1 + p_model})
+    theirs = glm_winrate.get_length_controlled_winrate(pd.DataFrame(annotations), glm_name=glm_name,
+                                                       save_weights_dir=None)["length_controlled_winrate"]
+    if glm_name == "length_controlled_v1":
+        by_index, gamed = load_length_control(str(tmp_path / "instruction_difficulty.csv"), str(tmp_path / "df_gamed.csv"))
+        difficulty = difficulties_at(by_index, list(range(n)), "instruction_difficulty.csv")
+        ours = alpaca_eval_metrics(annotations, instruction_difficulty=difficulty, gamed=gamed)
+        assert ours["length_control"] == glm_name and "length_controlled_minimal" not in ours
+        assert ours["length_controlled_winrate"] == pytest.approx(theirs, abs=1e-6)
+    else:
+        ours = alpaca_eval_metrics(annotations)
+        assert ours["length_control"] == glm_name and "length_controlled_winrate" not in ours
+        assert ours["length_controlled_minimal"] == pytest.approx(theirs, abs=1e-6)
+    with pytest.raises(ValueError, match="needs both"):
+        alpaca_eval_metrics(annotations, instruction_difficulty=[0.0] * n)
+
+
+def test_script_computes_length_controlled_v1_from_the_files(tmp_path):
+    import numpy as np
+
+    _synthetic_alpaca_eval_files(tmp_path, 12, np.random.default_rng(1))
+    annotations = tmp_path / "annotations.json"
+    _write_annotations(annotations, [1.2, 1.9, 1.4, 1.7, 1.1, 1.8, 1.3, 1.6, 1.5, 1.25, 1.75, 1.05])
+    command = [sys.executable, str(ROOT / "scripts" / "alpaca_eval_metrics.py"), str(annotations),
+               "--instruction-difficulty", str(tmp_path / "instruction_difficulty.csv")]
+    alone = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert alone.returncode == 2 and "needs both" in alone.stderr
+    done = subprocess.run(command + ["--gamed", str(tmp_path / "df_gamed.csv")], capture_output=True, text=True,
+                          check=True)
+    printed = json.loads(done.stdout)
+    assert printed["length_control"] == "length_controlled_v1" and "length_controlled_minimal" not in printed
+    assert 0 < printed["length_controlled_winrate"] < 100

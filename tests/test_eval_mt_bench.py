@@ -6,12 +6,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from montessori import openai_client
 from montessori.evaluation import mt_bench
-from montessori.evaluation.judges import parse_rating
+from montessori.evaluation.judges import (LocalRatingJudge, expected_rating, parse_rating,
+                                          rating_distribution)
 from montessori.evaluation.mt_bench import generate_answers, judge_answers
 from montessori.models import write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL_PREFILL = "Rating: [["
 MT = ROOT / "data" / "eval" / "mt_bench"
 
 
@@ -85,13 +88,13 @@ def test_judge_answers_fastchat_judgments_and_missing_ratings(tmp_path, monkeypa
     questions = _answers(tmp_path / "answers.jsonl")
     seen = []
 
-    def fake_judge(self, conversations):
-        seen.extend(conversations)
+    def fake_endpoint(base_url, model, messages, **options):
+        seen.append((messages[0]["content"], messages[1]["content"]))
         # every third judgement without a rating in the required form
-        return ["Fine. Rating: [[8]]" if (len(seen) - len(conversations) + i) % 3 else "Rating: 8/10"
-                for i in range(len(conversations))]
+        text = "Fine. Rating: [[8]]" if (len(seen) - 1) % 3 else "Rating: 8/10"
+        return {"choices": [{"message": {"role": "assistant", "content": text}}]}
 
-    monkeypatch.setattr(mt_bench._TextJudge, "__call__", fake_judge)
+    monkeypatch.setattr(openai_client, "chat_completion", fake_endpoint)
     out, scores, cache = tmp_path / "judgment.jsonl", tmp_path / "scores.json", tmp_path / "cache.jsonl"
     judge_answers(_settings(), str(tmp_path / "answers.jsonl"), str(out), str(scores), str(cache))
 
@@ -122,27 +125,67 @@ def test_judge_answers_fastchat_judgments_and_missing_ratings(tmp_path, monkeypa
     assert summary["n_judgments"] == 2 * len(questions) and summary["model"] == "base"
 
     # the cache answers a rerun
-    monkeypatch.setattr(mt_bench._TextJudge, "__call__", lambda self, c: pytest.fail("judge asked again"))
+    monkeypatch.setattr(openai_client, "chat_completion", lambda *a, **k: pytest.fail("judge asked again"))
     judge_answers(_settings(), str(tmp_path / "answers.jsonl"), str(out), str(scores), str(cache))
     assert [j["judgment"] for j in (json.loads(line) for line in out.read_text().splitlines())] == \
         [j["judgment"] for j in judgments]
 
 
-def test_judge_answers_local_judge_generates_text(tmp_path, tiny_model_dir):
+def test_rating_distribution_and_expectation_by_hand():
+    digits = [0.5, 0, 0, 0, 0.5, 0, 0, 0, 0]  # "1" and "5"
+    # "1" then "0" with probability .4 is a 10: P(1) = .3, P(5) = .5, P(10) = .2
+    distribution = rating_distribution(digits, p_zero_after_one=0.4)
+    assert distribution == pytest.approx([0.3, 0, 0, 0, 0.5, 0, 0, 0, 0, 0.2])
+    assert expected_rating(distribution) == pytest.approx(0.3 + 2.5 + 2.0)
+    # mass outside the ratings is renormalized away; "10" as one token counts as 10
+    distribution = rating_distribution([0, 0, 0.1, 0, 0, 0, 0, 0, 0], p_ten_token=0.1)
+    assert expected_rating(distribution) == pytest.approx(6.5)
+    assert rating_distribution([0] * 9) == [] and expected_rating([]) == -1
+
+
+def test_local_judge_scores_the_expected_rating_not_the_most_likely(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    judge = LocalRatingJudge(tiny_model_dir, batch_size=2)
+    vocab = judge.model.config.vocab_size
+
+    def known(prompts):
+        # the most likely rating is 5 (.4), but 9 holds .35 and "1"+"0" (= 10) the rest
+        probs = torch.zeros(len(prompts), vocab)
+        if prompts[0].endswith(LOCAL_PREFILL):
+            probs[:, judge.digit_ids[4]], probs[:, judge.digit_ids[8]], probs[:, judge.digit_ids[0]] = 0.4, 0.35, 0.25
+        else:  # after "1": "0" for sure
+            probs[:, judge.zero_id] = 1.0
+        return probs
+
+    monkeypatch.setattr(judge, "_next_token_probs", known)
+    results = judge.rate([("sys", "a"), ("sys", "b"), ("sys", "c")])
+    assert len(results) == 3
+    for result in results:
+        assert result["score"] == pytest.approx(0.4 * 5 + 0.35 * 9 + 0.25 * 10)
+        assert result["rating_probabilities"] == pytest.approx([0, 0, 0, 0, 0.4, 0, 0, 0, 0.35, 0.25])
+        assert parse_rating(result["judgment"]) == pytest.approx(result["score"], abs=1e-3)
+
+
+def test_judge_answers_local_judge_expected_ratings(tmp_path, tiny_model_dir):
     _answers(tmp_path / "answers.jsonl")
     judge_card = tmp_path / "judge.json"
     write_model_card(judge_card, tiny_model_dir)
     settings = _settings()
-    settings.update(backend="transformers", batch_size=16)
-    settings["judge"] = {"type": "local", "model": "tiny", "max_new_tokens": 4}
+    settings.update(batch_size=16)
+    settings["judge"] = {"type": "local", "model": "tiny"}
     out, scores = tmp_path / "judgment.jsonl", tmp_path / "scores.json"
     judge_answers(settings, str(tmp_path / "answers.jsonl"), str(out), str(scores), str(tmp_path / "c.jsonl"),
                   judge=str(judge_card))
     judgments = [json.loads(line) for line in out.read_text().splitlines()]
     summary = json.loads(scores.read_text())
-    assert all(isinstance(j["judgment"], str) for j in judgments)
-    assert summary["n_missing"] == sum(j["score"] == -1 for j in judgments)
-    assert summary["n_judgments"] == len(judgments) == 16
+    assert summary["n_judgments"] == len(judgments) == 16 and summary["n_missing"] == 0
+    for judgment in judgments:
+        assert sum(judgment["rating_probabilities"]) == pytest.approx(1.0)
+        assert judgment["score"] == pytest.approx(expected_rating(judgment["rating_probabilities"]))
+        assert 1 <= judgment["score"] <= 10
+    # different answers, different scores: the judge is not stuck on one rating
+    assert len({round(j["score"], 6) for j in judgments}) > 1
 
 
 def test_judge_answers_requires_reference_for_math(tmp_path):

@@ -44,7 +44,10 @@ def expected_job_counts(config: dict) -> dict[str, int]:
     }
     if not config["storage"]["keep"]["warmup"]:
         counts["remove_warmup"] = rounds
-    return counts | {rule: students for rule in EVAL_RULES}
+    references = config["evaluation"]["alpaca_eval"]["reference"]
+    n_references = 1 if isinstance(references, str) else len(references)
+    # one judged AlpacaEval comparison per student and reference
+    return counts | {rule: students for rule in EVAL_RULES} | {"eval_alpaca_judge": students * n_references}
 
 
 def test_dry_run_draws_the_whole_dag(tmp_path):
@@ -67,7 +70,10 @@ def test_dry_run_draws_the_whole_dag(tmp_path):
     assert influence_shards == [str(shard) for shard in range(config["influence"]["shards"])]
     assert sorted(job.wildcards["method"] for job in jobs if job.rule == "sft_student") == sorted(config["methods"])
     for rule in EVAL_RULES:
-        assert sorted(job.wildcards["student"] for job in jobs if job.rule == rule) == STUDENTS, rule
+        if rule != "eval_alpaca_judge":
+            assert sorted(job.wildcards["student"] for job in jobs if job.rule == rule) == STUDENTS, rule
+    judged = sorted((job.wildcards["student"], job.wildcards["reference"]) for job in jobs if job.rule == "eval_alpaca_judge")
+    assert judged == sorted(itertools.product(STUDENTS, ["dataset", "self_instruct"]))
     assert not (workdir / "results").exists(), "a dry run writes nothing"
 
 

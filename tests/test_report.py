@@ -28,10 +28,17 @@ def run_dir(tmp_path):
     students = {"self_instruct-round1": 1.0, "base": 0.0, "montessori-round1": 2.0}
     files = {"alpaca": [], "mt": [], "lm": []}
     for name, bonus in students.items():
-        files["alpaca"].append(_write(R / "eval" / name / "alpaca_eval" / "metrics.json", {
+        files["alpaca"].append(_write(R / "eval" / name / "alpaca_eval" / "vs-dataset" / "metrics.json", {
             "win_rate": 10 + bonus, "standard_error": 1.5, "n_wins": 1, "n_wins_base": 7, "n_draws": 0,
             "n_total": 8, "discrete_win_rate": 12.5, "length_controlled_winrate": 20 + bonus, "n_missing": 0,
-            "generator": name, "reference_generator": "gpt4_1106_preview"}))
+            "length_control": "length_controlled_v1", "position_bias_first_rate": 0.75,
+            "generator": name, "reference": "dataset", "reference_generator": "gpt4_1106_preview"}))
+        versus_self_instruct = 50.0 if name.startswith("self_instruct") else 40 + 10 * bonus
+        files["alpaca"].append(_write(R / "eval" / name / "alpaca_eval" / "vs-self_instruct" / "metrics.json", {
+            "win_rate": versus_self_instruct, "standard_error": 2.0, "n_total": 8, "discrete_win_rate": 50.0,
+            "length_controlled_minimal": versus_self_instruct, "length_control": "length_controlled_minimal",
+            "n_missing": 0, "generator": name, "reference": "self_instruct",
+            "reference_generator": "self_instruct-round1"}))
         files["mt"].append(_write(R / "eval" / name / "mt_bench" / "scores.json", {
             "model": name, "turn_1": 3 + bonus, "turn_2": None, "overall": 3 + bonus, "n_missing": 5}))
         files["lm"].append(_write(R / "eval" / name / "lm_eval" / "results.json", {
@@ -59,7 +66,7 @@ def run_dir(tmp_path):
 def test_report_table_figures_and_costs(run_dir):
     R, files, sft, dpo, histograms, bench = run_dir
     settings = {"run": "demo", "judge": {"type": "local", "model": "smollm2-135m-instruct"},
-                "alpaca_eval": {"reference": "dataset"}}
+                "alpaca_eval": {"reference": ["dataset", "method:self_instruct"]}}
     build_report(settings, str(R / "report.md"), str(R / "report.csv"), str(R / "figures"),
                  alpaca_paths=files["alpaca"], mt_bench_paths=files["mt"], lm_eval_paths=files["lm"],
                  influence_histogram_paths=histograms, sft_loss_paths=sft, dpo_loss_paths=dpo,
@@ -68,15 +75,23 @@ def test_report_table_figures_and_costs(run_dir):
     with open(R / "report.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [row["student"] for row in table] == ["base", "montessori-round1", "self_instruct-round1"]
-    assert float(table[1]["alpaca_eval.win_rate"]) == 12.0
-    assert float(table[1]["alpaca_eval.length_controlled_winrate"]) == 22.0
+    assert float(table[1]["alpaca_eval.vs_dataset.win_rate"]) == 12.0
+    assert float(table[1]["alpaca_eval.vs_dataset.length_controlled_winrate"]) == 22.0
+    assert float(table[1]["alpaca_eval.vs_dataset.position_bias_first_rate"]) == 0.75
+    # the paper's Table 1: against the Self-Instruct student, which is 50% against itself
+    assert float(table[1]["alpaca_eval.vs_self_instruct.win_rate"]) == 60.0
+    assert float(table[2]["alpaca_eval.vs_self_instruct.win_rate"]) == 50.0
+    # a minimal length control is never shown under the full name
+    assert float(table[0]["alpaca_eval.vs_self_instruct.length_controlled_minimal"]) == 40.0
+    assert "alpaca_eval.vs_self_instruct.length_controlled_winrate" not in table[0]
     assert float(table[2]["mt_bench.overall"]) == 4.0
     assert table[0]["mt_bench.turn_2"] == ""
     assert float(table[1]["lm_eval.montessori_local_qa.acc"]) == pytest.approx(0.6)
-    assert list(table[0])[1] == "alpaca_eval.win_rate"
+    assert list(table[0])[1] == "alpaca_eval.vs_dataset.win_rate"
 
     report = (R / "report.md").read_text()
     assert "| montessori-round1 | 12.00 |" in report
+    assert "`dataset`, `method:self_instruct`" in report
     # mean wall of the two warm-up repeats, their peak RSS; an unmeasured RSS shows as n/a
     assert "| warmup | 12.00 | 950.00 | 6.00 |" in report
     assert "| influence.shard-0 | 30.00 | n/a | 15.00 |" in report

@@ -107,9 +107,7 @@ def run_lm_eval(settings: dict, student: str, out: str, name: str) -> None:
         raise ConfigError("config key 'evaluation.lm_eval.tasks' is empty")
     by_shots: dict[int, list[str]] = defaultdict(list)
     shots = {}
-    for index, task in enumerate(tasks):
-        if not isinstance(task, dict) or not task.get("name"):
-            raise ConfigError(f"config key 'evaluation.lm_eval.tasks[{index}]' needs a 'name'")
+    for task in tasks:  # each an object with a name: the config schema checked them
         shots[task["name"]] = int(task.get("num_fewshot", 0))
         by_shots[shots[task["name"]]].append(task["name"])
     include_path = section.get("include_path")

@@ -6,13 +6,14 @@ draw, NaN a missing judgement (dropped). Win rates are in percent, as on the lea
 
 - `win_rate`, `standard_error`, `n_*`: alpaca_eval's `AbsoluteScoringRule.describe_head2head`.
 - `discrete_win_rate`: the same on preferences rounded to 1 / 1.5 / 2 (`ZeroOneScoringRule`).
-- `length_controlled_winrate`: the GLM of AlpacaEval 2 (`glm_winrate.py`, `length_controlled_v1`):
-  logistic regression of the preference on tanh(standardized length difference), instruction
-  difficulty and a model term, fit by 5-fold grouped CV with an L1 penalty on the continuous
-  targets, then predicted with the length difference set to 0 and averaged. The instruction
-  difficulties and the "gamed baseline" annotations it regularizes towards are files alpaca_eval
-  downloads from the hub; given them, the result is alpaca_eval's; without them the GLM keeps the
-  length and model terms only (the only terms defined for a set of one's own instructions).
+- Length control, AlpacaEval 2's GLM (`glm_winrate.py`): logistic regression of the preference on
+  tanh(standardized length difference) and a model term (plus, in `length_controlled_v1`, the
+  instruction difficulty), fit by 5-fold grouped CV with an L1 penalty on the continuous targets,
+  then predicted with the length difference set to 0 and averaged. `length_controlled_v1` also
+  regularizes towards the "gamed baseline" annotations; the difficulties and those annotations are
+  files of the AlpacaEval dataset (`instruction_difficulty.csv`, `df_gamed.csv`). Given them, the
+  result is the leaderboard's `length_controlled_winrate`; without them the GLM keeps the length
+  and model terms, alpaca_eval's `length_controlled_minimal`, reported under that name only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-FORMULA_TERMS = ("np.tanh(std_delta_len)", "instruction_difficulty", "not_gamed_baseline.astype(float)")
 REGULARIZE_TO_BASELINE_LAMBDA = 0.2
 CV_SPLITS = 5
 # alpaca_eval's fallback when it fits without cross-validation.
@@ -166,16 +166,31 @@ def length_controlled_winrate(preferences: Sequence, reference_lengths: Sequence
     return float(model.predict_proba(design(test))[:, 1].mean() * 100)
 
 
+FULL_LENGTH_CONTROL = "length_controlled_v1"
+MINIMAL_LENGTH_CONTROL = "length_controlled_minimal"
+
+
 def alpaca_eval_metrics(annotations: Sequence[dict], instruction_difficulty: Sequence[float] | None = None,
                         gamed: pd.DataFrame | None = None) -> dict:
     """Every leaderboard number for one annotation file (rows with `preference`, `output_1`,
-    `output_2`, and optionally `generator_1`, `generator_2`)."""
+    `output_2`, and optionally `generator_1`, `generator_2`).
+
+    With both the instruction difficulties (one per row) and the gamed annotations the
+    length-controlled win rate is `length_controlled_v1`, under the leaderboard's name
+    `length_controlled_winrate`; with neither it is `length_controlled_minimal`, under that name.
+    `length_control` says which one was computed.
+    """
+    if (instruction_difficulty is None) != (gamed is None):
+        raise ValueError("length_controlled_v1 needs both the instruction difficulties and the gamed annotations; "
+                         "give both, or neither for length_controlled_minimal")
     preferences = [row.get("preference") for row in annotations]
     metrics = win_rate_metrics(preferences)
     generators_1 = {row.get("generator_1") for row in annotations}
     generators_2 = {row.get("generator_2") for row in annotations}
     same = len(generators_1) == 1 and generators_1 == generators_2 and None not in generators_1
-    metrics["length_controlled_winrate"] = length_controlled_winrate(
+    full = gamed is not None
+    metrics["length_control"] = FULL_LENGTH_CONTROL if full else MINIMAL_LENGTH_CONTROL
+    metrics["length_controlled_winrate" if full else MINIMAL_LENGTH_CONTROL] = length_controlled_winrate(
         preferences, [len(row["output_1"]) for row in annotations], [len(row["output_2"]) for row in annotations],
         same_generator=same, instruction_difficulty=instruction_difficulty, gamed=gamed,
     )

@@ -25,7 +25,8 @@ from ..errors import ConfigError, DataError
 from ..io import ShardWriter, write_json_atomic, write_jsonl_atomic
 from ..models import model_path
 from ..seeding import derive_seed
-from .judges import MISSING_RATING, parse_rating
+from .judges import (LOCAL_RATING_VERSION, MISSING_RATING, LocalRatingJudge, api_request_options,
+                     judge_loads_a_model, parse_rating)
 
 log = logging.getLogger(__name__)
 
@@ -128,51 +129,37 @@ def _load_keyed(source: str, what: str) -> dict:
     return keyed
 
 
-LOCAL_RATING_PREFILL = "Rating: [["
+class _ApiRatingJudge:
+    """MT-Bench grading by an OpenAI-compatible endpoint: the judge's text, its "[[rating]]" parsed."""
 
+    def __init__(self, judge_settings: dict):
+        self.judge = judge_settings
+        self.max_new_tokens = int(judge_settings.get("max_new_tokens", 2048))
 
-class _TextJudge:
-    """Judgement text for (system, user) prompts: greedy local generation or an API chat completion."""
-
-    def __init__(self, settings: dict, judge_card: str | None):
-        self.judge = settings.get("judge", {})
-        self.kind = self.judge.get("type", "local")
-        self.max_new_tokens = int(self.judge.get("max_new_tokens", 2048))
-        if self.kind == "local":
-            if not judge_card:
-                raise ConfigError("config key 'evaluation.judge.type' is 'local' but no judge model card was given")
-            from ..generation import make_generator
-
-            self.generator = make_generator(settings, judge_card)
-            self.seed = derive_seed(settings.get("seed", 0), "mt_bench_judge")
-        elif self.kind == "api":
-            for key in ("base_url", "model"):
-                if not self.judge.get(key):
-                    raise ConfigError(f"config key 'evaluation.judge.{key}' must be set for judge type 'api'")
-        else:
-            raise ConfigError(f"config key 'evaluation.judge.type': {self.kind!r} is not one of local, api")
-
-    def __call__(self, conversations: list[tuple[str, str]]) -> list[str]:
-        if self.kind == "local":
-            # Small local judges rarely end with "[[rating]]" on their own (the 135M default never
-            # did): their answer is started with the rating's opening brackets, so the rating is
-            # the first thing they write. What they write there is parsed like any judgement.
-            prompts = [_chat_prompt(self.generator.tokenizer, [{"role": "system", "content": system},
-                                                     {"role": "user", "content": user}]) + LOCAL_RATING_PREFILL
-                       for system, user in conversations]
-            sampling = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": self.max_new_tokens}
-            return [LOCAL_RATING_PREFILL + texts[0] for texts in self.generator.generate(prompts, sampling, 1, self.seed)]
+    def rate(self, conversations: list[tuple[str, str]]) -> list[dict]:
         from ..openai_client import chat_completion
 
-        texts = []
+        results = []
         for system, user in conversations:
             response = chat_completion(
                 self.judge["base_url"], self.judge["model"],
                 [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                api_key_env=self.judge.get("api_key_env", "OPENAI_API_KEY"), config_key="evaluation.judge",
-                temperature=0.0, max_tokens=self.max_new_tokens)
-            texts.append(response["choices"][0]["message"]["content"] or "")
-        return texts
+                temperature=0.0, max_tokens=self.max_new_tokens, **api_request_options(self.judge))
+            text = response["choices"][0]["message"]["content"] or ""
+            results.append({"judgment": text, "score": parse_rating(text)})
+        return results
+
+
+def make_rating_judge(settings: dict, judge_card: str | None):
+    """The MT-Bench judge of `evaluation.judge`, and how many judgements it is asked at once (an
+    API judge one by one, so each paid answer is cached as it comes)."""
+    judge_settings = settings.get("judge", {})
+    if judge_loads_a_model(judge_settings):
+        if not judge_card:
+            raise ConfigError("config key 'evaluation.judge.type' is 'local' but no judge model card was given")
+        batch_size = int(settings.get("batch_size", 8))
+        return LocalRatingJudge(model_path(judge_card), settings.get("chat_template"), batch_size), batch_size
+    return _ApiRatingJudge(judge_settings), 1
 
 
 def summarize_scores(judgments: list[dict], category_of: dict) -> dict:
@@ -198,11 +185,14 @@ def summarize_scores(judgments: list[dict], category_of: dict) -> dict:
 def judge_answers(settings: dict, answers: str, out: str, scores: str, cache: str, judge: str | None = None) -> None:
     """Stage `eval_mt_bench_judge`: single-answer grading 1-10 of both turns of every answer.
 
-    `judge` is the judge's model card (judge type local). Judge texts are appended to the JSONL
-    `cache` keyed by (judge, system prompt, user prompt); a rerun only asks what is not there.
+    `judge` is the judge's model card (judge type local). A local judge's score is its expected
+    rating (judges.LocalRatingJudge), an API judge's the "[[rating]]" of its text. Judgements are
+    appended to the JSONL `cache` keyed by (judge, system prompt, user prompt); a rerun only asks
+    what is not there.
 
-    settings: {"seed", "backend", "chat_template", "batch_size",
-               "judge": {"type", "model", "base_url", "api_key_env", "max_new_tokens"},
+    settings: {"chat_template" (for a judge without one), "batch_size" (local judge),
+               "judge": {"type", "model", "base_url", "api_key_env", "max_new_tokens" (api),
+                         "request_timeout", "max_retries"},
                "mt_bench": {"questions", "reference_answers", "judge_prompts", "limit"}}
     """
     questions = {q["question_id"]: q for q in read_questions(_section(settings, "questions"))}
@@ -215,7 +205,10 @@ def judge_answers(settings: dict, answers: str, out: str, scores: str, cache: st
             raise DataError(f"{prompts_path}: judge prompt {name!r} is missing")
     judge_settings = settings.get("judge", {})
     judge_name = judge_settings.get("model") or "judge"
-    identity = f"{judge_settings.get('type', 'local')}:{model_path(judge) if judge else judge_settings.get('model')}"
+    if judge_loads_a_model(judge_settings):
+        identity = f"local:{model_path(judge) if judge else None}:{LOCAL_RATING_VERSION}"
+    else:
+        identity = f"api:{judge_settings.get('model')}"  # as before, so paid judgements stay cached
 
     tasks = []
     for question_id, record in answer_records.items():
@@ -235,27 +228,31 @@ def judge_answers(settings: dict, answers: str, out: str, scores: str, cache: st
                           "user": user, "turn": turn, "key": key})
 
     with ShardWriter(cache, id_key="key") as cached:
-        texts = {record["key"]: record["judgment"] for record in cached.records}
-        todo = [t for t in tasks if t["key"] not in texts]
+        results = {record["key"]: record for record in cached.records}
+        todo = [t for t in tasks if t["key"] not in results]
         log.info("mt_bench judge: %d judgments, %d from the cache %s", len(tasks), len(tasks) - len(todo), cache)
         if todo:
-            text_judge = _TextJudge(settings, judge)
-            # API judgments are paid one by one: cache each as it comes; local ones come as a batch.
-            step = 1 if text_judge.kind == "api" else len(todo)
+            rating_judge, step = make_rating_judge(settings, judge)
             for start in tqdm(range(0, len(todo), step), desc="mt_bench judge", unit="batch"):
                 batch = todo[start:start + step]
-                for task, text in zip(batch, text_judge([(t["template"]["system_prompt"], t["user"]) for t in batch])):
-                    cached.append({"key": task["key"], "judgment": text})
-                    texts[task["key"]] = text
+                rated = rating_judge.rate([(t["template"]["system_prompt"], t["user"]) for t in batch])
+                for task, result in zip(batch, rated):
+                    record = {"key": task["key"], **result}
+                    cached.append(record)
+                    results[task["key"]] = record
 
     judgments = []
     for task in tasks:
-        text = texts[task["key"]]
-        judgments.append({
+        result = results[task["key"]]
+        judgment = {
             "question_id": task["question"]["question_id"], "model": task["model"],
             "judge": [judge_name, task["template"]["name"]], "user_prompt": task["user"],
-            "judgment": text, "score": parse_rating(text), "turn": task["turn"], "tstamp": time.time(),
-        })
+            "judgment": result["judgment"], "score": result.get("score", parse_rating(result["judgment"])),
+            "turn": task["turn"], "tstamp": time.time(),
+        }
+        if "rating_probabilities" in result:
+            judgment["rating_probabilities"] = result["rating_probabilities"]
+        judgments.append(judgment)
     write_jsonl_atomic(out, judgments)
     summary = summarize_scores(judgments, {qid: q["category"] for qid, q in questions.items()})
     summary.update({"model": judgments[0]["model"] if judgments else None, "judge": identity})
