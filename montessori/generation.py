@@ -5,7 +5,8 @@
     outputs = generator.generate(prompts, sampling, n, seed)  # outputs[i] = n completions of prompts[i]
 
 `sampling` = {"temperature", "top_p", "repetition_penalty", "presence_penalty", "max_new_tokens"}
-(temperature 0 = greedy). Same prompts, sampling, n and seed on the same backend and hardware give
+(temperature 0 = greedy). Local backends stop a reply at EOS and at the token the chat template
+ends an assistant turn with (`chat.stop_token_ids`). Same prompts, sampling, n and seed on the same backend and hardware give
 the same outputs: the transformers backend reseeds torch before each batch (inside `fork_rng`,
 so the caller's RNG state is untouched), vLLM and the API get one seed per prompt.
 """
@@ -16,7 +17,7 @@ import importlib.util
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from .chat import chat_prompt
+from .chat import chat_prompt, stop_token_ids
 from .errors import ConfigError, MontessoriError
 from .models import load_causal_lm, load_tokenizer, model_path
 from .seeding import derive_seed
@@ -49,6 +50,7 @@ class TransformersGenerator(Generator):
         self.tokenizer = load_tokenizer(path, chat_template)
         self.tokenizer.padding_side = "left"
         self.model = load_causal_lm(path, dtype=dtype, device=device).eval()
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self.batch_size = max(1, int(batch_size))
         self._warned_presence = False
 
@@ -69,6 +71,8 @@ class TransformersGenerator(Generator):
             "num_return_sequences": n,
             "repetition_penalty": float(sampling.get("repetition_penalty", 1.0)),
             "pad_token_id": self.tokenizer.pad_token_id,
+            # Replaces the model's generation_config EOS, which knows nothing of a template set here.
+            "eos_token_id": self.stop_ids,
         }
         if temperature > 0:
             # top_k=0: no top-k cut, as vLLM and the API by default.
@@ -104,6 +108,7 @@ class VLLMGenerator(Generator):
         from vllm import LLM
 
         self.tokenizer = load_tokenizer(path, chat_template)
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self.llm = LLM(model=path, tokenizer=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                        tensor_parallel_size=tensor_parallel_size)
 
@@ -117,6 +122,7 @@ class VLLMGenerator(Generator):
                 repetition_penalty=float(sampling.get("repetition_penalty", 1.0)),
                 presence_penalty=float(sampling.get("presence_penalty", 0.0)),
                 max_tokens=int(sampling["max_new_tokens"]), seed=derive_seed(seed, "prompt", index),
+                stop_token_ids=self.stop_ids,
             )
             for index in range(len(prompts))
         ]
