@@ -46,6 +46,8 @@ def test_defaults_fill_missing_sections():
         ({"methods": ["montessori", "self_instruct_api"]}, "'external_teacher'"),
         ({"evaluation": {"alpaca_eval": {"reference": "method:self_instruct"}}, "methods": ["montessori"]},
          "'evaluation.alpaca_eval.reference'"),
+        ({"influence": {"reference": {"kind": "paper"}}}, "'influence.reference.allow_eval_contamination'"),
+        ({"influence": {"reference": {"kind": "original"}}}, "'influence.reference.kind'"),
     ],
 )
 def test_bad_values_name_the_key(shipped, override, key):
