@@ -20,6 +20,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -27,7 +28,7 @@ from .errors import ConfigError, DataError
 from .filters import RougeLIndex, banned_word_pattern, near_duplicate_of_any, surface_rejection
 from .generation import Generator, make_generator
 from .io import iter_jsonl, resumable_shard, merge_shards, read_jsonl, shard_slice, write_json_atomic, write_jsonl_atomic
-from .prompts import ASSISTANT_PREFILL, extract_instruction, instruction_request
+from .prompts import PromptStyle, extract_instruction, instruction_request, prompt_style
 from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -112,88 +113,163 @@ def _build_examples(rng: random.Random, seeds: list[dict], kept: list[tuple[str,
     return examples
 
 
+@dataclass(frozen=True)
+class _InstructionPlan:
+    """What one shard of `synth_instructions` must do, read once from its settings."""
+
+    label: str
+    shard: int
+    n_shards: int
+    target: int
+    seed: int
+    n: int
+    batch_groups: int
+    n_examples: int
+    n_generated: int
+    sampling: dict
+    style: PromptStyle
+    max_prompts_factor: float
+    quota: int        # instructions this shard keeps
+    max_groups: int   # prompts tried before giving up
+
+    @classmethod
+    def from_settings(cls, settings: dict, shard: int) -> _InstructionPlan:
+        n_shards = int(settings.get("shards", 1))
+        target = int(_required(settings, "target", "target"))
+        n_examples, n_generated = int(settings.get("prompt_examples", 8)), int(settings.get("generated_examples", 2))
+        if not 0 <= n_generated <= n_examples:
+            raise ConfigError("config key 'synthesis.generated_examples' must be between 0 and "
+                              "synthesis.prompt_examples")
+        quota = math.ceil(target * float(settings.get("oversample", 1.5)) / n_shards)
+        max_prompts_factor = float(settings.get("max_prompts_factor", 6))
+        return cls(
+            label=_required(settings, "label", "label"), shard=shard, n_shards=n_shards, target=target,
+            seed=int(settings.get("seed", 0)), n=int(settings.get("n", 4)),
+            batch_groups=max(1, int(settings.get("batch_size", 16))), n_examples=n_examples,
+            n_generated=n_generated,
+            sampling=_required(settings, "instruction_sampling", "synthesis.instruction_sampling"),
+            style=prompt_style(settings.get("prompt_style", "prefill")), max_prompts_factor=max_prompts_factor,
+            quota=quota, max_groups=math.ceil(max_prompts_factor * quota),
+        )
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One teacher prompt: its examples as (id, text) and the ids of its n candidates."""
+
+    id: str
+    examples: list[tuple[str, str]]
+    candidate_ids: list[str]
+
+    @property
+    def example_texts(self) -> list[str]:
+        return [text for _, text in self.examples]
+
+
+def _prompt_groups(plan: _InstructionPlan, seeds: list[dict], kept: list[tuple[str, str]], batch: int) -> list[_Group]:
+    """Batch `batch`'s groups; each draws its examples from its own seeded RNG."""
+    groups = []
+    for index in range(batch * plan.batch_groups, (batch + 1) * plan.batch_groups):
+        rng = random.Random(derive_seed(plan.seed, plan.label, plan.shard, index))
+        group_id = f"{plan.label}-s{plan.shard}-g{index:04d}"
+        examples = _build_examples(rng, seeds, kept, plan.n_examples, plan.n_generated)
+        groups.append(_Group(group_id, examples, [f"{group_id}-c{c}" for c in range(plan.n)]))
+    return groups
+
+
+class _Teacher:
+    """The generator, loaded only when a batch has candidates to generate (a resumed shard may have none)."""
+
+    def __init__(self, settings: dict, card: str, factory: GeneratorFactory | None):
+        self.settings, self.card, self.factory = settings, card, factory
+        self.generator: Generator | None = None
+
+    def write(self, plan: _InstructionPlan, groups: list[_Group], batch: int) -> tuple[list[str], list[list[str]], str]:
+        """(prompts, n outputs per prompt, prefill) for the groups of one batch."""
+        if self.generator is None:
+            self.generator = self.factory() if self.factory else make_generator(self.settings, self.card)
+        prefill = plan.style.prefill if self.generator.supports_prefill else ""
+        prompts = [self.generator.chat_prompt(instruction_request(group.example_texts, plan.style), prefill)
+                   for group in groups]
+        seed = derive_seed(plan.seed, plan.label, "generate", plan.shard, batch)
+        return prompts, self.generator.generate(prompts, plan.sampling, plan.n, seed), prefill
+
+
+def _candidate_record(plan: _InstructionPlan, group: _Group, candidate_id: str, prompt: str, raw: str, prefill: str,
+                      state: _ShardState) -> dict:
+    instruction, how = extract_instruction(raw, prefill, plan.style)
+    reason = state.judge(instruction, group.example_texts)
+    return {
+        "id": candidate_id, "group": group.id, "prompt": prompt, "raw_output": raw, "instruction": instruction,
+        "kept": reason is None, "reason": reason, "extraction": how, "shard": plan.shard,
+        "examples": [example_id for example_id, _ in group.examples],
+    }
+
+
+def _batch_records(plan: _InstructionPlan, groups: list[_Group], existing: dict[str, dict],
+                   written: tuple[list[str], list[list[str]], str] | None, state: _ShardState):
+    """Each candidate of the batch in order: from the shard file when there, else judged from the output.
+    A record is judged against what was kept before it, so the caller records each before the next."""
+    for position, group in enumerate(groups):
+        for c, candidate_id in enumerate(group.candidate_ids):
+            if candidate_id in existing:
+                yield existing[candidate_id]
+            else:
+                prompts, outputs, prefill = written
+                yield _candidate_record(plan, group, candidate_id, prompts[position], outputs[position][c], prefill,
+                                        state)
+
+
+def _out_of_prompts(plan: _InstructionPlan, state: _ShardState, prompts_tried: int, path) -> DataError:
+    return DataError(
+        f"{plan.label} shard {plan.shard}: only {len(state.kept)} of {plan.quota} instructions kept after "
+        f"{prompts_tried} prompts ({state.funnel()}); the teacher's outputs fail the filters: raise "
+        f"'synthesis.max_prompts_factor' (now {plan.max_prompts_factor:g}) or check the rejected records "
+        f"(their 'reason') in {path}"
+    )
+
+
 def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: str, shard: int = 0,
                             generator_factory: GeneratorFactory | None = None) -> None:
     """Stage `synth_instructions`: one shard of teacher-written instruction candidates (all, with `reason`).
 
     Settings: label, target, shards, seed, n (4), batch_size (16), prompt_examples (8),
     generated_examples (2), oversample (1.5), max_prompts_factor (6), instruction_sampling,
-    filters, and the generator's keys (backend, external_teacher, chat_template).
+    prompt_style ("prefill"), filters, and the generator's keys (backend, external_teacher, chat_template).
     `generator_factory` replaces the model in unit tests of the stage logic.
     """
-    shard = int(shard)
-    n_shards = int(settings.get("shards", 1))
-    label = _required(settings, "label", "label")
-    target = int(_required(settings, "target", "target"))
-    base_seed = int(settings.get("seed", 0))
-    n = int(settings.get("n", 4))
-    batch_groups = max(1, int(settings.get("batch_size", 16)))
-    n_examples = int(settings.get("prompt_examples", 8))
-    n_generated = int(settings.get("generated_examples", 2))
-    sampling = _required(settings, "instruction_sampling", "synthesis.instruction_sampling")
-    if not 0 <= n_generated <= n_examples:
-        raise ConfigError("config key 'synthesis.generated_examples' must be between 0 and synthesis.prompt_examples")
-    quota = math.ceil(target * float(settings.get("oversample", 1.5)) / n_shards)
-    max_groups = math.ceil(float(settings.get("max_prompts_factor", 6)) * quota)
-
+    plan = _InstructionPlan.from_settings(settings, int(shard))
     seeds = read_seed_pool(seed_pool)
-    if len(seeds) < n_examples:
-        raise DataError(f"{seed_pool}: {len(seeds)} seeds, fewer than synthesis.prompt_examples={n_examples}")
+    if len(seeds) < plan.n_examples:
+        raise DataError(f"{seed_pool}: {len(seeds)} seeds, fewer than synthesis.prompt_examples={plan.n_examples}")
     state = _ShardState(settings.get("filters"))
-    generator: Generator | None = None
+    model = _Teacher(settings, teacher, generator_factory)
     log.info("synth_instructions %s shard %d/%d: keeping %d instructions (target %d over all shards), "
-             "at most %d prompts", label, shard, n_shards, quota, target, max_groups)
+             "at most %d prompts", plan.label, plan.shard, plan.n_shards, plan.quota, plan.target, plan.max_groups)
 
-    with resumable_shard(out) as writer, tqdm(total=quota, desc=f"{label} shard {shard} kept", unit="instr") as bar:
+    with resumable_shard(out) as writer, tqdm(total=plan.quota, desc=f"{plan.label} shard {plan.shard} kept",
+                                              unit="instr") as bar:
         existing = {record["id"]: record for record in writer.records}
         if existing:
-            log.info("shard %d: resuming from %d records in %s", shard, len(existing), writer.path)
+            log.info("shard %d: resuming from %d records in %s", plan.shard, len(existing), writer.path)
         batch = 0
-        while len(state.kept) < quota:
-            first_group = batch * batch_groups
-            if first_group >= max_groups:
-                raise DataError(
-                    f"{label} shard {shard}: only {len(state.kept)} of {quota} instructions kept after "
-                    f"{first_group} prompts ({state.funnel()}); the teacher's outputs fail the filters: raise "
-                    f"'synthesis.max_prompts_factor' (now {settings.get('max_prompts_factor', 6)}) or check "
-                    f"the rejected records (their 'reason') in {writer.path}"
-                )
-            groups = []
-            for group_index in range(first_group, first_group + batch_groups):
-                rng = random.Random(derive_seed(base_seed, label, shard, group_index))
-                examples = _build_examples(rng, seeds, state.kept, n_examples, n_generated)
-                group_id = f"{label}-s{shard}-g{group_index:04d}"
-                groups.append((group_id, examples, [f"{group_id}-c{c}" for c in range(n)]))
-
-            if not all(cid in existing for _, _, ids in groups for cid in ids):
-                if generator is None:
-                    generator = generator_factory() if generator_factory else make_generator(settings, teacher)
-                prefill = ASSISTANT_PREFILL if generator.supports_prefill else ""
-                prompts = [generator.chat_prompt(instruction_request([text for _, text in examples]), prefill)
-                           for _, examples, _ in groups]
-                batch_seed = derive_seed(base_seed, label, "generate", shard, batch)
-                outputs = generator.generate(prompts, sampling, n, batch_seed)
-
+        while len(state.kept) < plan.quota:
+            if batch * plan.batch_groups >= plan.max_groups:
+                raise _out_of_prompts(plan, state, batch * plan.batch_groups, writer.path)
+            groups = _prompt_groups(plan, seeds, state.kept, batch)
+            missing = not all(cid in existing for group in groups for cid in group.candidate_ids)
+            written = model.write(plan, groups, batch) if missing else None
             kept_before = len(state.kept)
-            for position, (group_id, examples, ids) in enumerate(groups):
-                for c, candidate_id in enumerate(ids):
-                    record = existing.get(candidate_id)
-                    if record is None:
-                        raw = outputs[position][c]
-                        instruction, how = extract_instruction(raw, prefill)
-                        reason = state.judge(instruction, [text for _, text in examples])
-                        record = {
-                            "id": candidate_id, "group": group_id, "prompt": prompts[position], "raw_output": raw,
-                            "instruction": instruction, "kept": reason is None, "reason": reason,
-                            "extraction": how, "shard": shard, "examples": [eid for eid, _ in examples],
-                        }
-                        writer.append(record)
-                    state.record(record)
-            bar.update(min(len(state.kept), quota) - min(kept_before, quota))
-            log.info("%s shard %d batch %d: %d groups, kept %d/%d; %s", label, shard, batch,
-                     first_group + batch_groups, len(state.kept), quota, state.funnel())
+            for record in _batch_records(plan, groups, existing, written, state):
+                if record["id"] not in existing:
+                    writer.append(record)
+                state.record(record)
+            bar.update(min(len(state.kept), plan.quota) - min(kept_before, plan.quota))
+            log.info("%s shard %d batch %d: %d groups, kept %d/%d; %s", plan.label, plan.shard, batch,
+                     (batch + 1) * plan.batch_groups, len(state.kept), plan.quota, state.funnel())
             batch += 1
-    log.info("%s shard %d done: %d kept; yield by filter stage: %s", label, shard, len(state.kept), state.funnel())
+    log.info("%s shard %d done: %d kept; yield by filter stage: %s", plan.label, plan.shard, len(state.kept),
+             state.funnel())
 
 
 def _groups_in_order(records: list[dict]) -> list[list[dict]]:
