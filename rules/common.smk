@@ -21,6 +21,7 @@ SYNTH_SHARDS = list(range(config["synthesis"]["shards"]))
 INFLUENCE_SHARDS = list(range(config["influence"]["shards"]))
 GPUS = config["compute"]["gpus"]
 TRAINING_GPUS = config["compute"]["training_gpus"]
+DPO_GPUS = config["dpo"]["gpus"] or TRAINING_GPUS
 THREADS = config["compute"]["threads"]
 REPORT = f"{R}/report.md"
 
@@ -58,11 +59,11 @@ def montessori(stage: str) -> str:
     return f"{THREAD_LIMITS} python -m montessori {stage} --settings {{params.settings:q}}"
 
 
-def training_launcher(stage: str) -> str:
+def training_launcher(stage: str, gpus: int = TRAINING_GPUS) -> str:
     """One process on a CPU or one GPU; accelerate with FSDP over several GPUs."""
-    if TRAINING_GPUS > 1:
+    if gpus > 1:
         return (f"{THREAD_LIMITS} accelerate launch --config_file {config['compute']['accelerate_config']} "
-                f"--num_processes {TRAINING_GPUS} -m montessori {stage} --settings {{params.settings:q}}")
+                f"--num_processes {gpus} -m montessori {stage} --settings {{params.settings:q}}")
     return montessori(stage)
 
 

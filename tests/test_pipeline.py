@@ -84,8 +84,10 @@ def test_each_preset_plans_the_whole_dag_with_its_gpus(tmp_path, preset):
     compute = config["compute"]
     influence_gpus = {job.resources.get("gpu") for job in jobs if job.rule == "influence"}
     assert influence_gpus == {str(compute["gpus"] * config["influence"]["gpus_per_shard"])}
-    training_gpus = {job.resources.get("gpu") for job in jobs if job.rule in ("warmup", "dpo_teacher", "sft_student")}
+    training_gpus = {job.resources.get("gpu") for job in jobs if job.rule in ("warmup", "sft_student")}
     assert training_gpus == {str(compute["training_gpus"])}
+    dpo_gpus = {job.resources.get("gpu") for job in jobs if job.rule == "dpo_teacher"}
+    assert dpo_gpus == {str(config["dpo"]["gpus"] or compute["training_gpus"])}
 
 
 @pytest.mark.slow
