@@ -47,7 +47,9 @@ def end_of_turn_text(tokenizer) -> str:
     """What the chat template writes after an assistant reply (e.g. "<|eot_id|>", "<|im_end|>\\n")."""
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _REPLY_MARKER}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return text[text.rindex(_REPLY_MARKER) + len(_REPLY_MARKER):]
+    end = text.rfind(_REPLY_MARKER)
+    # A template that drops the reply has no turn end to read: EOS is then the only stop.
+    return text[end + len(_REPLY_MARKER):] if end >= 0 else ""
 
 
 def end_of_turn_token(tokenizer) -> str:
@@ -64,5 +66,6 @@ def stop_token_ids(tokenizer) -> list[int]:
     """Token ids that end a reply: the template's end-of-turn token and EOS. A base model given a
     chat format (Llama-3's <|eot_id|> on Meta-Llama-3-8B, whose EOS is <|end_of_text|>) would
     otherwise keep writing turns until max_new_tokens."""
-    ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)), tokenizer.eos_token_id]
+    turn_end = end_of_turn_token(tokenizer)
+    ids = ([tokenizer.convert_tokens_to_ids(turn_end)] if turn_end else []) + [tokenizer.eos_token_id]
     return list(dict.fromkeys(token_id for token_id in ids if token_id is not None))

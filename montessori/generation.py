@@ -5,10 +5,12 @@
     outputs = generator.generate(prompts, sampling, n, seed)  # outputs[i] = n completions of prompts[i]
 
 `sampling` = {"temperature", "top_p", "repetition_penalty", "presence_penalty", "max_new_tokens"}
-(temperature 0 = greedy). Local backends stop a reply at EOS and at the token the chat template
-ends an assistant turn with (`chat.stop_token_ids`). Same prompts, sampling, n and seed on the same backend and hardware give
+(temperature 0 = greedy). Same prompts, sampling, n and seed on the same backend and hardware give
 the same outputs: the transformers backend reseeds torch before each batch (inside `fork_rng`,
 so the caller's RNG state is untouched), vLLM and the API get one seed per prompt.
+
+Local backends stop a reply at EOS and at the token the chat template ends an assistant turn
+with (`chat.stop_token_ids`): a base model given a chat format has no other way to stop.
 """
 
 from __future__ import annotations

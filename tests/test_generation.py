@@ -192,6 +192,9 @@ def test_stop_token_ids_hold_eos_and_the_end_of_turn(tiny_model_dir):
     assert sorted(stop_token_ids(tokenizer)) == [0, 2]  # <|endoftext|> ends the turn, <|im_end|> is EOS
     chatml = load_tokenizer(tiny_model_dir)
     assert stop_token_ids(chatml) == [2]  # ChatML ends a turn with <|im_end|>, which is also EOS
+    replies_dropped = load_tokenizer(tiny_model_dir, "{% for m in messages %}{% if m['role'] == 'user' %}"
+                                                     "{{ m['content'] }}{% endif %}{% endfor %}")
+    assert stop_token_ids(replies_dropped) == [2]  # no turn end to read: EOS alone
 
 
 def test_vllm_adapter_stops_at_the_end_of_turn_and_eos(tiny_model_dir, monkeypatch):
