@@ -75,6 +75,10 @@ def _check_consistency(config: dict, source: str) -> None:
         teacher = config["external_teacher"]
         if not teacher["base_url"] or not teacher["model"]:
             fail("external_teacher", "method self_instruct_api needs external_teacher.base_url and .model")
+    influence_reference = config["influence"]["reference"]
+    if influence_reference["kind"] == "paper" and not influence_reference["allow_eval_contamination"]:
+        fail("influence.reference.allow_eval_contamination", "kind 'paper' measures influence on AlpacaEval 2 "
+             "instructions; set it to true knowingly (the AlpacaEval evaluation then leaves those out)")
     references = config["evaluation"]["alpaca_eval"]["reference"]
     for reference in [references] if isinstance(references, str) else references:
         if reference.startswith("method:") and reference.split(":", 1)[1] not in config["methods"]:

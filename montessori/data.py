@@ -7,8 +7,9 @@ import logging
 import random
 from pathlib import Path
 
-from .errors import DataError
-from .io import iter_jsonl_numbered, write_jsonl_atomic
+from .errors import ConfigError, DataError
+from .io import iter_jsonl_numbered, read_jsonl, write_jsonl_atomic
+from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,13 @@ def alpaca_text(row: dict, where: str) -> str:
     return f"{instruction.strip()} {extra.strip()}" if extra.strip() else instruction.strip()
 
 
-def build_seed_pool(settings: dict, out: str) -> None:
-    """Stage `seed_pool`: settings = config `seed_pool` section + `seed`."""
+def build_seed_pool(settings: dict, out: str, reference: str | None = None) -> None:
+    """Stage `seed_pool`: settings = config `seed_pool` section + `seed`.
+
+    `reference` (the reference set): its instructions are left out, so that the teacher never sees
+    as an example a prompt the student's influence is measured on (kind `clean` holds them out of
+    this very dataset).
+    """
     source = settings["source"]
     rows = load_rows(source, settings.get("split", "train"))
     texts = [alpaca_text(row, where) for where, row in rows]
@@ -91,6 +97,13 @@ def build_seed_pool(settings: dict, out: str) -> None:
     unique = list(dict.fromkeys(texts))
     if len(unique) < len(texts):
         log.info("dropped %d exact duplicate seeds", len(texts) - len(unique))
+    if reference:
+        held_out = reference_instructions(reference)
+        kept = [text for text in unique if text not in held_out]
+        log.info("left %d seeds out: they are reference-set instructions (%s)", len(unique) - len(kept), reference)
+        unique = kept
+        if not unique:
+            raise DataError(f"{source}: every seed is a reference-set instruction ({reference})")
     records = [{"id": f"seed-{i:05d}", "text": text} for i, text in enumerate(unique)]
     random.Random(settings["seed"]).shuffle(records)
     if settings.get("limit"):
@@ -113,24 +126,91 @@ def load_pairs(source: str, split: str = "train", limit: int | None = None) -> l
     return pairs[:limit] if limit else pairs
 
 
-def build_reference_set(settings: dict, out: str) -> None:
-    """Stage `reference_set`: settings = config `influence.reference` section + `eval_sources`.
+# The original measures influence on the first 256 rows of AlpacaEval 2's GPT-4 Turbo outputs
+# (its data/reference_dataset, row for row the head of alpaca_eval's gpt4_1106_preview
+# model_outputs.json), in the order `datasets.Dataset.shuffle(seed=42)` gives them; that order
+# sets which rows share a batch when the loss is averaged per batch.
+PAPER_REFERENCE_SIZE = 256
+PAPER_SHUFFLE_SEED = 42
+REFERENCE_KINDS = ("file", "clean", "paper")
 
+
+def eval_instructions(source: str) -> set[str]:
+    """Every prompt of an evaluation set: Alpaca-style `instruction` (+ `input`), or MT-Bench `turns`."""
+    texts = set()
+    for where, row in load_rows(source):
+        if isinstance(row, dict) and isinstance(row.get("turns"), list):
+            texts.update(turn.strip() for turn in row["turns"] if isinstance(turn, str))
+        else:
+            texts.add(alpaca_text(row, where))
+    return texts
+
+
+def paper_reference(pairs: list[dict], size: int = PAPER_REFERENCE_SIZE) -> list[dict]:
+    """The original's reference rows: the first `size` in file order, permuted as its seeded shuffle does
+    (`Dataset.shuffle(seed)` draws numpy's default_rng(seed).permutation)."""
+    import numpy as np
+
+    if len(pairs) < size:
+        raise DataError(f"influence.reference.kind 'paper' needs {size} rows, the source has {len(pairs)}")
+    head = [{**pair, "id": f"alpaca_eval-{index:03d}"} for index, pair in enumerate(pairs[:size])]
+    return [head[int(i)] for i in np.random.default_rng(PAPER_SHUFFLE_SEED).permutation(size)]
+
+
+def clean_reference(pairs: list[dict], size: int, min_response_chars: int, excluded: set[str], seed: int) -> list[dict]:
+    """`size` long-answer pairs held out by a seeded draw, none of them an evaluation prompt.
+
+    Long answers: the original's GPT-4 Turbo answers average about 2,300 characters, Alpaca-GPT4's
+    about 700; the loss on a reference set of short answers weighs other tokens."""
+    candidates = [pair for pair in pairs
+                  if len(pair["response"]) >= min_response_chars and pair["instruction"] not in excluded]
+    unique = list({pair["instruction"]: pair for pair in candidates}.values())
+    if len(unique) < size:
+        raise DataError(f"influence.reference: only {len(unique)} pairs of the source have a response of at least "
+                        f"{min_response_chars} characters (influence.reference.min_response_chars) and no "
+                        f"evaluation prompt; influence.reference.size asks for {size}")
+    random.Random(derive_seed(seed, "reference_set")).shuffle(unique)
+    return [{**pair, "id": f"ref-{index:05d}"} for index, pair in enumerate(unique[:size])]
+
+
+def build_reference_set(settings: dict, out: str) -> None:
+    """Stage `reference_set`: settings = config `influence.reference` section + `eval_sources` + `seed`.
+
+    kind `file`: the source's pairs as they are (up to `limit`). kind `paper`: the original's 256
+    AlpacaEval rows (see `paper_reference`). kind `clean`: held out of the seed dataset
+    (see `clean_reference`); the seed pool stage then drops these instructions.
     The original drew its reference set from AlpacaEval itself; scoring influence on the evaluation
     set leaks it into training, so overlap with any evaluation instruction is refused unless the
-    user opts in explicitly.
+    user opts in explicitly (the AlpacaEval evaluation then leaves those instructions out).
     """
-    pairs = load_pairs(settings["source"], settings.get("split", "train"), settings.get("limit"))
-    eval_instructions = set()
+    kind = settings.get("kind", "file")
+    if kind not in REFERENCE_KINDS:
+        raise ConfigError(f"config key 'influence.reference.kind': {kind!r} is not one of {', '.join(REFERENCE_KINDS)}")
+    pairs = load_pairs(settings["source"], settings.get("split", "train"))
+    eval_texts = set()
     for source in settings.get("eval_sources", []):
-        eval_instructions.update(alpaca_text(row, where) for where, row in load_rows(source))
-    overlap = [pair["id"] for pair in pairs if pair["instruction"] in eval_instructions]
+        eval_texts |= eval_instructions(source)
+    if kind == "paper":
+        pairs = paper_reference(pairs)
+    elif kind == "clean":
+        pairs = clean_reference(pairs, int(settings.get("size", PAPER_REFERENCE_SIZE)),
+                                int(settings.get("min_response_chars", 0)), eval_texts, int(settings.get("seed", 0)))
+    elif settings.get("limit"):
+        pairs = pairs[: settings["limit"]]
+    overlap = [pair["id"] for pair in pairs if pair["instruction"] in eval_texts]
     if overlap:
         message = (f"{len(overlap)} reference instructions also appear in an evaluation set "
                    f"(e.g. {overlap[:3]}): influence would be scored on evaluation data")
         if not settings.get("allow_eval_contamination"):
             raise DataError(f"{message}; choose another 'influence.reference.source' or set "
                             f"'influence.reference.allow_eval_contamination: true' knowingly")
-        log.warning("CONTAMINATION: %s (allowed by influence.reference.allow_eval_contamination)", message)
+        log.warning("CONTAMINATION: %s (allowed by influence.reference.allow_eval_contamination; the AlpacaEval "
+                    "evaluation leaves them out)", message)
     write_jsonl_atomic(out, pairs)
-    log.info("reference set: %d pairs from %s -> %s", len(pairs), settings["source"], out)
+    mean_chars = sum(len(pair["response"]) for pair in pairs) / len(pairs)
+    log.info("reference set (%s): %d pairs from %s, responses %.0f characters on average -> %s",
+             kind, len(pairs), settings["source"], mean_chars, out)
+
+
+def reference_instructions(path: str | Path) -> set[str]:
+    return {record["instruction"] for record in read_jsonl(path)}

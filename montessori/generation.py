@@ -12,6 +12,9 @@ transformers backend draws each sequence's tokens from a torch.Generator of its 
 `_RowSampler` below, not the global RNG that `model.generate` would share across the batch);
 vLLM and the API take a seed per request. Same prompts, sampling, n and seeds on the same backend
 and hardware give the same outputs, whatever the batch size.
+
+Local backends stop a reply at EOS and at the token the chat template ends an assistant turn
+with (`chat.stop_token_ids`): a base model given a chat format has no other way to stop.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import importlib.util
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from .chat import chat_prompt
+from .chat import chat_prompt, stop_token_ids
 from .errors import ConfigError, MontessoriError
 from .models import load_causal_lm, load_tokenizer, model_path
 from .seeding import derive_seed
@@ -89,6 +92,7 @@ class TransformersGenerator(Generator):
         self.tokenizer = load_tokenizer(path, chat_template)
         self.tokenizer.padding_side = "left"
         self.model = load_causal_lm(path, dtype=dtype, device=device).eval()
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self.batch_size = max(1, int(batch_size))
         self._warned_presence = False
 
@@ -109,6 +113,8 @@ class TransformersGenerator(Generator):
             "max_new_tokens": int(sampling["max_new_tokens"]),
             "repetition_penalty": float(sampling.get("repetition_penalty", 1.0)),
             "pad_token_id": self.tokenizer.pad_token_id,
+            # Replaces the model's generation_config EOS, which knows nothing of a template set here.
+            "eos_token_id": self.stop_ids,
         }
         if temperature > 0:
             # No top-k cut, as vLLM and the API by default. The sampler draws; generate() keeps its pick.
@@ -146,6 +152,7 @@ class VLLMGenerator(Generator):
         from vllm import LLM
 
         self.tokenizer = load_tokenizer(path, chat_template)
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self.llm = LLM(model=path, tokenizer=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                        tensor_parallel_size=tensor_parallel_size)
 
@@ -159,6 +166,7 @@ class VLLMGenerator(Generator):
                 repetition_penalty=float(sampling.get("repetition_penalty", 1.0)),
                 presence_penalty=float(sampling.get("presence_penalty", 0.0)),
                 max_tokens=int(sampling["max_new_tokens"]), seed=prompt_seed,
+                stop_token_ids=self.stop_ids,
             )
             for prompt_seed in prompt_seeds(seed, len(prompts))
         ]

@@ -171,6 +171,8 @@ def rule_memory_mb(kind: str, config: dict) -> int:
     warm-up, influence and SFT, the teacher for DPO; training jobs run one process per GPU."""
     role = "teacher" if kind == "dpo" else "student"
     shape = model_shape(config["models"][role], f"models.{role}")
-    processes = max(1, config["compute"]["training_gpus"]) if kind != "influence" else 1
+    training_gpus = (config["dpo"]["gpus"] or config["compute"]["training_gpus"]) if kind == "dpo" \
+        else config["compute"]["training_gpus"]
+    processes = max(1, training_gpus) if kind != "influence" else 1
     checkpoints = bool(config.get(kind, {}).get("save_steps")) if kind in ("sft", "dpo") else False
     return job_memory_mb(kind, shape, processes=processes, checkpoints=checkpoints)

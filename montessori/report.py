@@ -177,10 +177,20 @@ def plot_metric_bars(rows: dict[str, dict], students: list[str], out: Path) -> b
     return True
 
 
+def alpaca_selection_note(selection: dict) -> str:
+    """How many AlpacaEval instructions the win rates are over, and why any were left out."""
+    note = f"AlpacaEval: {selection['evaluated']} of the set's {selection['in_source']} instructions evaluated"
+    if selection.get("excluded_as_reference"):
+        note += (f"; {selection['excluded_as_reference']} left out because {selection['reason']}: the teacher "
+                 f"was trained to help the student on exactly those, so they cannot measure it")
+    return note + "."
+
+
 def build_report(settings: dict, out_md: str, out_csv: str, figures: str, alpaca_paths: list[str] = (),
                  mt_bench_paths: list[str] = (), lm_eval_paths: list[str] = (),
                  influence_histogram_paths: list[str] = (), sft_loss_paths: list[str] = (),
-                 dpo_loss_paths: list[str] = (), benchmark_paths: list[str] = ()) -> None:
+                 dpo_loss_paths: list[str] = (), benchmark_paths: list[str] = (),
+                 alpaca_selection: str | None = None) -> None:
     """Stage `report`: report.md, report.csv and figures/*.png for the run.
 
     settings: {"run": run name, "judge": the evaluation judge section (named in the report),
@@ -235,6 +245,8 @@ def build_report(settings: dict, out_md: str, out_csv: str, figures: str, alpaca
                  f"position_bias_first_rate: how often the judge prefers the output shown first, over a sample "
                  f"judged in both orders (0.5 = no bias). MT-Bench scores 1-10 (a local judge's expected rating; "
                  f"n_missing: judgements without a rating); lm-eval metrics in [0, 1].")
+    if alpaca_selection:
+        lines += ["", alpaca_selection_note(read_json(alpaca_selection))]
     lines += ["", "## Results", "", "| student | " + " | ".join(columns) + " |",
               "|---" * (len(columns) + 1) + "|"]
     for student in students:

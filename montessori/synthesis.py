@@ -22,6 +22,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -29,7 +30,7 @@ from .errors import ConfigError, DataError
 from .filters import RougeLIndex, banned_word_pattern, near_duplicate_of_any, surface_rejection
 from .generation import Generator, make_generator
 from .io import iter_jsonl, resumable_shard, merge_shards, read_jsonl, shard_slice, write_json_atomic, write_jsonl_atomic
-from .prompts import ASSISTANT_PREFILL, extract_instruction, instruction_request
+from .prompts import PromptStyle, extract_instruction, instruction_request, prompt_style
 from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -114,99 +115,180 @@ def _build_examples(rng: random.Random, seeds: list[dict], kept: list[tuple[str,
     return examples
 
 
+@dataclass(frozen=True)
+class _InstructionPlan:
+    """What one shard of `synth_instructions` must do, read once from its settings."""
+
+    label: str
+    shard: int
+    n_shards: int
+    target: int
+    seed: int
+    n: int
+    batch_groups: int
+    refresh: int      # the generated-example pool is refreshed at every multiple of this many groups
+    n_examples: int
+    n_generated: int
+    sampling: dict
+    style: PromptStyle
+    max_prompts_factor: float
+    quota: int        # instructions this shard keeps
+    max_groups: int   # prompts tried before giving up
+
+    @classmethod
+    def from_settings(cls, settings: dict, shard: int) -> _InstructionPlan:
+        n_shards = int(settings.get("shards", 1))
+        target = int(_required(settings, "target", "target"))
+        n_examples, n_generated = int(settings.get("prompt_examples", 8)), int(settings.get("generated_examples", 2))
+        if not 0 <= n_generated <= n_examples:
+            raise ConfigError("config key 'synthesis.generated_examples' must be between 0 and "
+                              "synthesis.prompt_examples")
+        refresh = int(settings.get("generated_pool_refresh", 16))
+        if refresh < 1:
+            raise ConfigError(f"config key 'synthesis.generated_pool_refresh' must be >= 1, got {refresh}")
+        quota = math.ceil(target * float(settings.get("oversample", 1.5)) / n_shards)
+        max_prompts_factor = float(settings.get("max_prompts_factor", 6))
+        return cls(
+            label=_required(settings, "label", "label"), shard=shard, n_shards=n_shards, target=target,
+            seed=int(settings.get("seed", 0)), n=int(settings.get("n", 4)),
+            batch_groups=max(1, int(settings.get("batch_size", 16))), refresh=refresh, n_examples=n_examples,
+            n_generated=n_generated,
+            sampling=_required(settings, "instruction_sampling", "synthesis.instruction_sampling"),
+            style=prompt_style(settings.get("prompt_style", "prefill")), max_prompts_factor=max_prompts_factor,
+            quota=quota, max_groups=math.ceil(max_prompts_factor * quota),
+        )
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One teacher prompt: its examples as (id, text) and the ids of its n candidates."""
+
+    index: int
+    id: str
+    examples: list[tuple[str, str]]
+    candidate_ids: list[str]
+
+    @property
+    def example_texts(self) -> list[str]:
+        return [text for _, text in self.examples]
+
+
+def _prompt_groups(plan: _InstructionPlan, seeds: list[dict], pool: list[tuple[str, str]],
+                   first_group: int) -> list[_Group]:
+    """The groups of the batch starting at `first_group`: at most batch_size of them, never past the
+    end of the generated-pool block (so a batch size cannot change which pool a group sees) nor past
+    max_groups. Each draws its examples from its own seeded RNG."""
+    block_end = (first_group // plan.refresh + 1) * plan.refresh
+    groups = []
+    for index in range(first_group, min(first_group + plan.batch_groups, block_end, plan.max_groups)):
+        rng = random.Random(derive_seed(plan.seed, plan.label, plan.shard, index))
+        group_id = f"{plan.label}-s{plan.shard}-g{index:04d}"
+        examples = _build_examples(rng, seeds, pool, plan.n_examples, plan.n_generated)
+        groups.append(_Group(index, group_id, examples, [f"{group_id}-c{c}" for c in range(plan.n)]))
+    return groups
+
+
+class _Teacher:
+    """The generator, loaded only when a batch has candidates to generate (a resumed shard may have none)."""
+
+    def __init__(self, settings: dict, card: str, factory: GeneratorFactory | None):
+        self.settings, self.card, self.factory = settings, card, factory
+        self.generator: Generator | None = None
+
+    def write(self, plan: _InstructionPlan, groups: list[_Group]) -> tuple[dict[str, tuple[str, list[str]]], str]:
+        """({group id: (prompt, its n outputs)}, prefill). Each group is sampled from its own seed,
+        so its outputs do not depend on which groups share the generate() call."""
+        if self.generator is None:
+            self.generator = self.factory() if self.factory else make_generator(self.settings, self.card)
+        prefill = plan.style.prefill if self.generator.supports_prefill else ""
+        prompts = [self.generator.chat_prompt(instruction_request(group.example_texts, plan.style), prefill)
+                   for group in groups]
+        seeds = [derive_seed(plan.seed, plan.label, "generate", plan.shard, group.index) for group in groups]
+        outputs = self.generator.generate(prompts, plan.sampling, plan.n, seeds)
+        return {group.id: (prompt, out) for group, prompt, out in zip(groups, prompts, outputs)}, prefill
+
+
+def _candidate_record(plan: _InstructionPlan, group: _Group, candidate_id: str, prompt: str, raw: str, prefill: str,
+                      state: _ShardState) -> dict:
+    instruction, how = extract_instruction(raw, prefill, plan.style)
+    reason = state.judge(instruction, group.example_texts)
+    return {
+        "id": candidate_id, "group": group.id, "prompt": prompt, "raw_output": raw, "instruction": instruction,
+        "kept": reason is None, "reason": reason, "extraction": how, "shard": plan.shard,
+        "examples": [example_id for example_id, _ in group.examples],
+    }
+
+
+def _record_batch(plan: _InstructionPlan, groups: list[_Group], existing: dict[str, dict], model: _Teacher,
+                  state: _ShardState, writer) -> int:
+    """Records the batch's candidates in order, each judged against what was kept before it, until
+    the quota is met (where a smaller batch would have stopped too). A group missing from the shard
+    file (every group, except on a resume) is generated together with the rest of the batch.
+    Returns the number of groups recorded."""
+    written: dict[str, tuple[str, list[str]]] = {}
+    prefill = ""
+    for position, group in enumerate(groups):
+        if len(state.kept) >= plan.quota:
+            return position
+        if group.id not in written and not all(cid in existing for cid in group.candidate_ids):
+            written, prefill = model.write(plan, groups[position:])
+        for c, candidate_id in enumerate(group.candidate_ids):
+            record = existing.get(candidate_id)
+            if record is None:
+                prompt, outputs = written[group.id]
+                record = _candidate_record(plan, group, candidate_id, prompt, outputs[c], prefill, state)
+                writer.append(record)
+            state.record(record)
+    return len(groups)
+
+
+def _out_of_prompts(plan: _InstructionPlan, state: _ShardState, prompts_tried: int, path) -> DataError:
+    return DataError(
+        f"{plan.label} shard {plan.shard}: only {len(state.kept)} of {plan.quota} instructions kept after "
+        f"{prompts_tried} prompts ({state.funnel()}); the teacher's outputs fail the filters: raise "
+        f"'synthesis.max_prompts_factor' (now {plan.max_prompts_factor:g}) or check the rejected records "
+        f"(their 'reason') in {path}"
+    )
+
+
 def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: str, shard: int = 0,
                             generator_factory: GeneratorFactory | None = None) -> None:
     """Stage `synth_instructions`: one shard of teacher-written instruction candidates (all, with `reason`).
 
     Settings: label, target, shards, seed, n (4), batch_size (16), prompt_examples (8),
     generated_examples (2), generated_pool_refresh (16), oversample (1.5), max_prompts_factor (6),
-    instruction_sampling, filters, and the generator's keys (backend, external_teacher, chat_template).
-    `generator_factory` replaces the model in unit tests of the stage logic.
+    instruction_sampling, prompt_style ("prefill"), filters, and the generator's keys (backend,
+    external_teacher, chat_template). `generator_factory` replaces the model in unit tests of the stage logic.
     """
-    shard = int(shard)
-    n_shards = int(settings.get("shards", 1))
-    label = _required(settings, "label", "label")
-    target = int(_required(settings, "target", "target"))
-    base_seed = int(settings.get("seed", 0))
-    n = int(settings.get("n", 4))
-    batch_groups = max(1, int(settings.get("batch_size", 16)))
-    refresh = int(settings.get("generated_pool_refresh", 16))
-    n_examples = int(settings.get("prompt_examples", 8))
-    n_generated = int(settings.get("generated_examples", 2))
-    sampling = _required(settings, "instruction_sampling", "synthesis.instruction_sampling")
-    if not 0 <= n_generated <= n_examples:
-        raise ConfigError("config key 'synthesis.generated_examples' must be between 0 and synthesis.prompt_examples")
-    if refresh < 1:
-        raise ConfigError(f"config key 'synthesis.generated_pool_refresh' must be >= 1, got {refresh}")
-    quota = math.ceil(target * float(settings.get("oversample", 1.5)) / n_shards)
-    max_groups = math.ceil(float(settings.get("max_prompts_factor", 6)) * quota)
-
+    plan = _InstructionPlan.from_settings(settings, int(shard))
     seeds = read_seed_pool(seed_pool)
-    if len(seeds) < n_examples:
-        raise DataError(f"{seed_pool}: {len(seeds)} seeds, fewer than synthesis.prompt_examples={n_examples}")
+    if len(seeds) < plan.n_examples:
+        raise DataError(f"{seed_pool}: {len(seeds)} seeds, fewer than synthesis.prompt_examples={plan.n_examples}")
     state = _ShardState(settings.get("filters"))
-    generator: Generator | None = None
+    model = _Teacher(settings, teacher, generator_factory)
     log.info("synth_instructions %s shard %d/%d: keeping %d instructions (target %d over all shards), "
-             "at most %d prompts", label, shard, n_shards, quota, target, max_groups)
+             "at most %d prompts", plan.label, plan.shard, plan.n_shards, plan.quota, plan.target, plan.max_groups)
 
-    with resumable_shard(out) as writer, tqdm(total=quota, desc=f"{label} shard {shard} kept", unit="instr") as bar:
+    with resumable_shard(out) as writer, tqdm(total=plan.quota, desc=f"{plan.label} shard {plan.shard} kept",
+                                              unit="instr") as bar:
         existing = {record["id"]: record for record in writer.records}
         if existing:
-            log.info("shard %d: resuming from %d records in %s", shard, len(existing), writer.path)
-        first_group = 0
+            log.info("shard %d: resuming from %d records in %s", plan.shard, len(existing), writer.path)
+        next_group = 0
         pool: list[tuple[str, str]] = []  # what the current block's prompts draw their generated examples from
-        while len(state.kept) < quota:
-            if first_group >= max_groups:
-                raise DataError(
-                    f"{label} shard {shard}: only {len(state.kept)} of {quota} instructions kept after "
-                    f"{first_group} prompts ({state.funnel()}); the teacher's outputs fail the filters: raise "
-                    f"'synthesis.max_prompts_factor' (now {settings.get('max_prompts_factor', 6)}) or check "
-                    f"the rejected records (their 'reason') in {writer.path}"
-                )
-            if first_group % refresh == 0:
+        while len(state.kept) < plan.quota:
+            if next_group >= plan.max_groups:
+                raise _out_of_prompts(plan, state, next_group, writer.path)
+            if next_group % plan.refresh == 0:
                 pool = list(state.kept)
-            block_end = (first_group // refresh + 1) * refresh
-            groups = []
-            for group_index in range(first_group, min(first_group + batch_groups, block_end, max_groups)):
-                rng = random.Random(derive_seed(base_seed, label, shard, group_index))
-                examples = _build_examples(rng, seeds, pool, n_examples, n_generated)
-                group_id = f"{label}-s{shard}-g{group_index:04d}"
-                groups.append((group_id, examples, [f"{group_id}-c{c}" for c in range(n)]))
-
-            batch_start, kept_before = first_group, len(state.kept)
-            outputs: dict[int, list[str]] = {}
-            for position, (group_id, examples, ids) in enumerate(groups):
-                if len(state.kept) >= quota:
-                    break  # the quota was met by an earlier group of this batch: a smaller batch would stop there
-                if position not in outputs and not all(cid in existing for cid in ids):
-                    # A group missing from the file (all of them, but on a resume): generate it and the
-                    # rest of the batch at once.
-                    if generator is None:
-                        generator = generator_factory() if generator_factory else make_generator(settings, teacher)
-                    prefill = ASSISTANT_PREFILL if generator.supports_prefill else ""
-                    prompts = {later: generator.chat_prompt(instruction_request([text for _, text in group[1]]), prefill)
-                               for later, group in enumerate(groups) if later >= position}
-                    group_seeds = [derive_seed(base_seed, label, "generate", shard, batch_start + later)
-                                   for later in prompts]
-                    outputs = dict(zip(prompts, generator.generate(list(prompts.values()), sampling, n, group_seeds)))
-                for c, candidate_id in enumerate(ids):
-                    record = existing.get(candidate_id)
-                    if record is None:
-                        raw = outputs[position][c]
-                        instruction, how = extract_instruction(raw, prefill)
-                        reason = state.judge(instruction, [text for _, text in examples])
-                        record = {
-                            "id": candidate_id, "group": group_id, "prompt": prompts[position], "raw_output": raw,
-                            "instruction": instruction, "kept": reason is None, "reason": reason,
-                            "extraction": how, "shard": shard, "examples": [eid for eid, _ in examples],
-                        }
-                        writer.append(record)
-                    state.record(record)
-                first_group += 1
-            bar.update(min(len(state.kept), quota) - min(kept_before, quota))
-            log.info("%s shard %d: %d groups, kept %d/%d; %s", label, shard, first_group, len(state.kept), quota,
-                     state.funnel())
-    log.info("%s shard %d done: %d kept; yield by filter stage: %s", label, shard, len(state.kept), state.funnel())
+            groups = _prompt_groups(plan, seeds, pool, next_group)
+            kept_before = len(state.kept)
+            next_group += _record_batch(plan, groups, existing, model, state, writer)
+            bar.update(min(len(state.kept), plan.quota) - min(kept_before, plan.quota))
+            log.info("%s shard %d: %d groups, kept %d/%d; %s", plan.label, plan.shard, next_group,
+                     len(state.kept), plan.quota, state.funnel())
+    log.info("%s shard %d done: %d kept; yield by filter stage: %s", plan.label, plan.shard, len(state.kept),
+             state.funnel())
 
 
 def _groups_in_order(records: list[dict]) -> list[list[dict]]:

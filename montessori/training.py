@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .chat import IGNORE_INDEX, encode_pair
+from .chat import IGNORE_INDEX, encode_pair, end_of_turn_token
 from .errors import ConfigError, DataError, ModelError, MontessoriError
 from .io import atomic_path, read_json, read_jsonl, write_json_atomic
 from .models import load_causal_lm, load_tokenizer, model_path, write_model_card
@@ -440,9 +440,10 @@ def dpo_tokenize(tokenizer, prompt: str, chosen: str, rejected: str) -> dict:
 
     The prompt already holds the chat template (and the BOS where the template puts one), so
     tokenizing it as plain text with the tokenizer's defaults would add a second BOS for Llama-3
-    style tokenizers. Completions end with EOS, as the teacher's generations did.
+    style tokenizers. Completions end with the template's end-of-turn token, where the teacher's
+    generations stopped (for Llama-3-8B-Instruct <|eot_id|>, which is also its EOS).
     """
-    eos = tokenizer.eos_token or ""
+    eos = end_of_turn_token(tokenizer)
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -25,6 +25,7 @@ SYNTH_SHARDS = list(range(config["synthesis"]["shards"]))
 INFLUENCE_SHARDS = list(range(config["influence"]["shards"]))
 GPUS = config["compute"]["gpus"]
 TRAINING_GPUS = config["compute"]["training_gpus"]
+DPO_GPUS = config["dpo"]["gpus"] or TRAINING_GPUS
 THREADS = config["compute"]["threads"]
 REPORT = f"{R}/report.md"
 try:
@@ -111,11 +112,11 @@ def montessori(stage: str) -> str:
     return f"{THREAD_LIMITS} python {stage_arguments(stage)}"
 
 
-def training_launcher(stage: str) -> str:
+def training_launcher(stage: str, gpus: int = TRAINING_GPUS) -> str:
     """One process on a CPU or one GPU; accelerate with FSDP over several GPUs."""
-    if TRAINING_GPUS > 1:
+    if gpus > 1:
         return (f"{THREAD_LIMITS} accelerate launch --config_file {config['compute']['accelerate_config']} "
-                f"--num_processes {TRAINING_GPUS} {stage_arguments(stage)}")
+                f"--num_processes {gpus} {stage_arguments(stage)}")
     return montessori(stage)
 
 
@@ -196,6 +197,7 @@ def synthesis_target(set_name: str) -> int:
 
 # What only one of the two synthesis stages reads.
 INSTRUCTION_KEYS = ("n", "prompt_examples", "generated_examples", "generated_pool_refresh", "oversample",
+                    "prompt_style",
                     "max_prompts_factor", "instruction_sampling", "filters")
 
 

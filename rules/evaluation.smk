@@ -49,13 +49,25 @@ def reference_option(wildcards, input) -> str:
     return str(input.reference) if input.get("reference") else config["evaluation"]["alpaca_eval"]["source"]
 
 
+def excluded_reference(wildcards) -> list[str]:
+    """The influence reference set, when it may hold evaluation instructions: those are not evaluated."""
+    return [f"{R}/reference.jsonl"] if config["influence"]["reference"]["allow_eval_contamination"] else []
+
+
+def exclude_option(wildcards, input) -> str:
+    return f"--exclude {input.exclude}" if input.get("exclude") else ""
+
+
 rule eval_alpaca_generate:
     input:
         student=lambda w: evaluated_student_card(w.student),
+        exclude=excluded_reference,
     output:
-        f"{EVAL}/alpaca_eval/outputs.json",
+        outputs=f"{EVAL}/alpaca_eval/outputs.json",
+        selection=f"{EVAL}/alpaca_eval/selection.json",
     params:
         settings=eval_settings(alpaca_eval=alpaca_section("source", "limit", "max_new_tokens", "temperature")),
+        exclude=exclude_option,
     log:
         f"{LOGS}/eval/{{student}}/alpaca_generate.log",
     benchmark:
@@ -68,8 +80,8 @@ rule eval_alpaca_generate:
     conda:
         "../envs/generation.yaml"
     shell:
-        montessori("eval_alpaca_generate") + " --student {input.student} --out {output} --name {wildcards.student}"
-        + " > {log} 2>&1"
+        montessori("eval_alpaca_generate") + " --student {input.student} --out {output.outputs}"
+        + " --selection {output.selection} {params.exclude} --name {wildcards.student} > {log} 2>&1"
 
 
 rule eval_alpaca_judge:

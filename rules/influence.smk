@@ -3,13 +3,15 @@
 
 
 rule reference_set:
-    """The reference pairs whose loss defines influence; refused if they overlap an evaluation set."""
+    """The reference pairs whose loss defines influence (influence.reference.kind); refused if they
+    overlap an evaluation set, unless allow_eval_contamination."""
     output:
         f"{R}/reference.jsonl",
     params:
         settings=settings(
             **config["influence"]["reference"],
-            eval_sources=[config["evaluation"]["alpaca_eval"]["source"]],
+            seed=config["seed"],
+            eval_sources=[config["evaluation"]["alpaca_eval"]["source"], config["evaluation"]["mt_bench"]["questions"]],
         ),
     log:
         f"{LOGS}/reference_set.log",

@@ -4,6 +4,9 @@
 
 
 rule seed_pool:
+    """The seed instructions, without any reference-set instruction."""
+    input:
+        reference=f"{R}/reference.jsonl",
     output:
         f"{R}/seed_pool.jsonl",
     params:
@@ -20,7 +23,7 @@ rule seed_pool:
     conda:
         "../envs/base.yaml"
     shell:
-        montessori("seed_pool") + " --out {output} > {log} 2>&1"
+        montessori("seed_pool") + " --reference {input.reference} --out {output} > {log} 2>&1"
 
 
 rule synth_instructions:

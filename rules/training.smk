@@ -47,12 +47,12 @@ rule dpo_teacher:
     resources:
         mem_mb=memory_mb("dpo"),
         runtime=720,
-        **gpu_job(TRAINING_GPUS),
+        **gpu_job(DPO_GPUS),
     retries: 1
     conda:
         "../envs/training.yaml"
     shell:
-        training_launcher("dpo_teacher")
+        training_launcher("dpo_teacher", DPO_GPUS)
         + " --teacher {input.teacher} --pairs {input.pairs} --out-dir {params.out_dir} --done {output.done}"
         + " --loss-json {output.loss_json} --loss-png {output.loss_png} > {log} 2>&1"
 

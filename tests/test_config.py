@@ -50,6 +50,8 @@ def test_defaults_fill_missing_sections():
          "'evaluation.alpaca_eval.reference'"),
         ({"evaluation": {"alpaca_eval": {"reference": ["dataset", "dataset"]}}}, "'evaluation.alpaca_eval.reference'"),
         ({"evaluation": {"alpaca_eval": {"reference": []}}}, "'evaluation.alpaca_eval.reference'"),
+        ({"influence": {"reference": {"kind": "paper"}}}, "'influence.reference.allow_eval_contamination'"),
+        ({"influence": {"reference": {"kind": "original"}}}, "'influence.reference.kind'"),
     ],
 )
 def test_bad_values_name_the_key(shipped, override, key):

@@ -86,3 +86,69 @@ def test_reference_set_refuses_eval_overlap_unless_allowed(tmp_path):
 def test_load_pairs_accepts_alpaca_fields(tmp_path):
     source = _seed(tmp_path, [{"instruction": "Add", "input": "2+2", "output": "4"}])
     assert load_pairs(source) == [{"id": "ref-00000", "instruction": "Add 2+2", "response": "4"}]
+
+
+# --- reference set kinds: `paper` (the original's) and `clean` (held out of the seed dataset) ---
+
+# The original's reference order, read from its data/reference_dataset with datasets'
+# Dataset.shuffle(seed=42): the positions, in AlpacaEval's file order, of its first rows.
+ORIGINAL_FIRST_ROWS = [168, 26, 239, 179, 245, 227, 128, 3, 210, 38]
+
+
+def _eval_prompts(shared_data) -> set[str]:
+    from montessori.data import eval_instructions
+
+    gsm8k = {json.loads(line)["question"].strip()
+             for line in (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines() if line.strip()}
+    return (eval_instructions(str(shared_data / "alpaca_eval" / "gpt4_1106_preview_outputs.json"))
+            | eval_instructions(str(shared_data / "mt_bench" / "question.jsonl")) | gsm8k)
+
+
+def test_paper_reference_is_the_originals_256_rows_in_its_order(tmp_path, shared_data):
+    source = shared_data / "alpaca_eval" / "gpt4_1106_preview_outputs.json"
+    rows = json.loads(source.read_text())
+    out = tmp_path / "reference.jsonl"
+    settings = {"kind": "paper", "source": str(source), "eval_sources": [str(source)], "seed": 7}
+    with pytest.raises(DataError, match="allow_eval_contamination"):
+        build_reference_set(settings, str(out))
+    build_reference_set({**settings, "allow_eval_contamination": True}, str(out))
+    reference = read_jsonl(out)
+    assert len(reference) == 256
+    assert {r["instruction"] for r in reference} == {r["instruction"].strip() for r in rows[:256]}
+    assert [r["id"] for r in reference[:10]] == [f"alpaca_eval-{i:03d}" for i in ORIGINAL_FIRST_ROWS]
+    assert reference[0]["response"] == rows[168]["output"]  # GPT-4 Turbo's answer, as the original's
+    assert sum(len(r["response"]) for r in reference) / 256 > 2000
+
+
+def test_clean_reference_is_disjoint_from_evaluation_sets_and_seed_pool(tmp_path, shared_data):
+    seeds = str(shared_data / "seeds" / "alpaca_gpt4_demo_1k.json")
+    eval_sources = [str(shared_data / "alpaca_eval" / "gpt4_1106_preview_outputs.json"),
+                    str(shared_data / "mt_bench" / "question.jsonl")]
+    reference_path, pool_path = tmp_path / "reference.jsonl", tmp_path / "pool.jsonl"
+    settings = {"kind": "clean", "source": seeds, "size": 30, "min_response_chars": 1500, "seed": 7,
+                "eval_sources": eval_sources}
+    build_reference_set(settings, str(reference_path))
+    reference = read_jsonl(reference_path)
+    assert len(reference) == 30 and all(len(r["response"]) >= 1500 for r in reference)
+    texts = {r["instruction"] for r in reference}
+    assert not texts & _eval_prompts(shared_data)
+
+    build_seed_pool({"source": seeds, "seed": 0}, str(pool_path), reference=str(reference_path))
+    pool = {r["text"] for r in read_jsonl(pool_path)}
+    assert not texts & pool
+    build_seed_pool({"source": seeds, "seed": 0}, str(pool_path))
+    assert len({r["text"] for r in read_jsonl(pool_path)}) == len(pool) + 30  # exactly the held-out rows
+
+    again = tmp_path / "again.jsonl"
+    build_reference_set(settings, str(again))
+    assert read_jsonl(again) == reference                       # the held-out draw is seeded
+    build_reference_set({**settings, "seed": 8}, str(again))
+    assert {r["instruction"] for r in read_jsonl(again)} != texts
+
+
+def test_clean_reference_names_the_keys_when_too_few_rows_qualify(tmp_path, shared_data):
+    seeds = str(shared_data / "seeds" / "alpaca_gpt4_demo_1k.json")
+    with pytest.raises(DataError, match="min_response_chars.*influence.reference.size asks for 500"):
+        build_reference_set({"kind": "clean", "source": seeds, "size": 500, "min_response_chars": 2000},
+                            str(tmp_path / "reference.jsonl"))
+    assert not (tmp_path / "reference.jsonl").exists()

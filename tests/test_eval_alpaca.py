@@ -306,3 +306,36 @@ def test_full_length_control_with_alpaca_eval_files(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not that set"):
         judge_outputs(settings, str(outputs), str(EVAL_SET), str(tmp_path / "a.json"), str(tmp_path / "m.json"),
                       str(tmp_path / "c.jsonl"))
+
+
+def test_paper_reference_instructions_are_not_evaluated(tmp_path, shared_data):
+    from montessori.data import build_reference_set
+
+    source = shared_data / "alpaca_eval" / "gpt4_1106_preview_outputs.json"
+    reference = tmp_path / "reference.jsonl"
+    build_reference_set({"kind": "paper", "source": str(source), "allow_eval_contamination": True}, str(reference))
+    rows = alpaca_eval.read_alpaca_rows(source, need_output=False)
+    selected, record = alpaca_eval.select_rows(rows, None, str(reference))
+    held_out = {json.loads(line)["instruction"] for line in reference.read_text().splitlines()}
+    assert record == {"in_source": 805, "excluded_as_reference": 256, "evaluated": 549,
+                      "reason": record["reason"]} and "influence reference set" in record["reason"]
+    assert not {row["instruction"].strip() for row in selected} & held_out
+    assert [row["instruction"] for row in selected] == [row["instruction"] for row in rows[256:]]
+    limited, record = alpaca_eval.select_rows(rows, 10, str(reference))
+    assert limited == selected[:10] and record["evaluated"] == 10   # the limit counts remaining rows
+    everything, record = alpaca_eval.select_rows(rows, None, None)
+    assert len(everything) == 805 and record["excluded_as_reference"] == 0 and "reason" not in record
+
+
+def test_generate_outputs_leaves_out_the_reference_and_records_it(tmp_path, tiny_model_dir):
+    card = tmp_path / "student.json"
+    write_model_card(card, tiny_model_dir)
+    source = json.loads(EVAL_SET.read_text())
+    reference = tmp_path / "reference.jsonl"
+    reference.write_text(json.dumps({"id": "r", "instruction": source[0]["instruction"], "response": "x"}) + "\n")
+    out, selection = tmp_path / "outputs.json", tmp_path / "selection.json"
+    settings = {"seed": 3, "backend": "transformers", "batch_size": 2,
+                "alpaca_eval": {"source": str(EVAL_SET), "limit": 2, "max_new_tokens": 2}}
+    generate_outputs(settings, str(card), str(out), "base", selection=str(selection), exclude=str(reference))
+    assert [r["instruction"] for r in json.loads(out.read_text())] == [r["instruction"] for r in source[1:3]]
+    assert json.loads(selection.read_text())["excluded_as_reference"] == 1

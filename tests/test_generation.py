@@ -176,3 +176,77 @@ def test_api_backend_asks_again_until_n_choices(monkeypatch):
     monkeypatch.delenv("TEACHER_KEY")
     with pytest.raises(ConfigError, match="TEACHER_KEY"):
         APIGenerator("http://127.0.0.1:9/v1", "teacher", "TEACHER_KEY").generate(["A"], SAMPLING, n=1, seed=1)
+
+
+# A Llama-3-style template whose turns end with <|endoftext|> (id 0 in the SmolLM2 tokenizer),
+# while that tokenizer's EOS is <|im_end|>: the situation of a base student given a chat format.
+OTHER_TURN_END = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+                  "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|endoftext|>' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def turn_end_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with its final norm zeroed: every logit is 0, so greedy decoding picks token 0,
+    which is the template's end-of-turn token and not the tokenizer's EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    out = tmp_path_factory.mktemp("turn-end-model")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
+def test_transformers_generation_stops_at_the_templates_end_of_turn(turn_end_model_dir):
+    generator = TransformersGenerator(turn_end_model_dir, chat_template=OTHER_TURN_END)
+    assert generator.tokenizer.eos_token == "<|im_end|>"
+    assert generator.tokenizer.convert_ids_to_tokens(0) == "<|endoftext|>"
+    lengths = []
+    original = generator.model.generate
+
+    def recording_generate(**kwargs):
+        sequences = original(**kwargs)
+        lengths.append(sequences.shape[1] - kwargs["input_ids"].shape[1])
+        return sequences
+
+    generator.model.generate = recording_generate
+    greedy = {**SAMPLING, "temperature": 0.0, "max_new_tokens": 12}
+    assert generator.generate([generator.chat_prompt("Hi")], greedy, n=1, seed=0) == [[""]]
+    assert lengths == [1]  # the end-of-turn token, then nothing: not 12 tokens of it
+
+
+def test_stop_token_ids_hold_eos_and_the_end_of_turn(tiny_model_dir):
+    from montessori.chat import stop_token_ids
+    from montessori.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir, OTHER_TURN_END)
+    assert sorted(stop_token_ids(tokenizer)) == [0, 2]  # <|endoftext|> ends the turn, <|im_end|> is EOS
+    chatml = load_tokenizer(tiny_model_dir)
+    assert stop_token_ids(chatml) == [2]  # ChatML ends a turn with <|im_end|>, which is also EOS
+    replies_dropped = load_tokenizer(tiny_model_dir, "{% for m in messages %}{% if m['role'] == 'user' %}"
+                                                     "{{ m['content'] }}{% endif %}{% endfor %}")
+    assert stop_token_ids(replies_dropped) == [2]  # no turn end to read: EOS alone
+
+
+def test_vllm_adapter_stops_at_the_end_of_turn_and_eos(tiny_model_dir, monkeypatch):
+    captured = []
+
+    class FakeSamplingParams:
+        def __init__(self, **kwargs):
+            captured.append(kwargs)
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            pass
+
+        def generate(self, inputs, params, use_tqdm):
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(index=0, text="x")]) for _ in inputs]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams))
+    generator = VLLMGenerator(tiny_model_dir, chat_template=OTHER_TURN_END)
+    generator.generate([generator.chat_prompt("one")], SAMPLING, n=1, seed=0)
+    assert sorted(captured[0]["stop_token_ids"]) == [0, 2]

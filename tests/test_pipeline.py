@@ -110,8 +110,29 @@ def test_each_preset_plans_the_whole_dag_with_its_gpus(tmp_path, preset):
     compute = config["compute"]
     influence_gpus = {job.resources.get("gpu") for job in jobs if job.rule == "influence"}
     assert influence_gpus == {str(compute["gpus"] * config["influence"]["gpus_per_shard"])}
-    training_gpus = {job.resources.get("gpu") for job in jobs if job.rule in ("warmup", "dpo_teacher", "sft_student")}
+    training_gpus = {job.resources.get("gpu") for job in jobs if job.rule in ("warmup", "sft_student")}
     assert training_gpus == {str(compute["training_gpus"])}
+    dpo_gpus = {job.resources.get("gpu") for job in jobs if job.rule == "dpo_teacher"}
+    assert dpo_gpus == {str(config["dpo"]["gpus"] or compute["training_gpus"])}
+
+
+def test_a_paper_reference_set_is_left_out_of_the_seed_pool_and_alpaca_eval(tmp_path):
+    """With the original's reference set (AlpacaEval rows), the plan has the same jobs, and both the
+    seed pool and every AlpacaEval generation job read the reference set to leave it out."""
+    workdir = make_workdir(tmp_path / "work")
+    paper = {"influence": {"reference": {"kind": "paper", "allow_eval_contamination": True,
+                                         "source": str(ROOT.parent / "shared" / "data" / "alpaca_eval" /
+                                                       "gpt4_1106_preview_outputs.json")}}}
+    (workdir / "paper.yaml").write_text(yaml.safe_dump(paper))
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run", "--printshellcmds",
+                        "--configfile", "config.yaml", "paper.yaml")
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    assert job_stats(dry.stdout) == expected_job_counts(load_config(ROOT / "config.yaml"))
+    reference = f"results/{load_config(ROOT / 'config.yaml')['run']}/reference.jsonl"
+    commands = [line for line in dry.stdout.splitlines() if "python -m montessori" in line]
+    generate = [line for line in commands if " eval_alpaca_generate " in line]
+    assert len(generate) == len(STUDENTS) and all(f"--exclude {reference}" in line for line in generate)
+    assert any(" seed_pool " in line and f"--reference {reference}" in line for line in commands)
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from montessori.prompts import ASSISTANT_PREFILL, CLOSE_TAG, OPEN_TAG, extract_instruction, instruction_request
+from montessori.prompts import (ASSISTANT_PREFILL, CLOSE_TAG, OPEN_TAG, extract_instruction, instruction_request,
+                                prompt_style)
 
 
 def test_request_lists_every_example_in_tags():
@@ -54,3 +55,41 @@ def test_extraction_of_well_and_ill_formed_outputs(raw, prefill, expected, how):
 ])
 def test_extraction_finds_nothing(raw, prefill):
     assert extract_instruction(raw, prefill) == (None, "none")
+
+
+# --- the rationale style (the original's structure): a reason, then the instruction in tags ---
+
+RATIONALE = prompt_style("rationale")
+
+
+def test_rationale_request_lists_examples_in_instruction_tags_and_asks_for_a_reason_first():
+    examples = ["Name a river.", "Summarize the text. It rained all day."]
+    text = instruction_request(examples, RATIONALE)
+    for example in examples:
+        assert f"<instruction>{example}</instruction>" in text
+    assert text.index("why") < text.index("<instruction>the instruction")  # the reason comes first
+    assert RATIONALE.prefill == ""  # nothing pre-filled: DPO sees the teacher's whole output
+    assert OPEN_TAG not in text
+
+
+@pytest.mark.parametrize("raw, expected, how", [
+    ("Summaries are useful practice, and this one needs its text.\n<instruction>Summarize the paragraph. "
+     "Cats sleep a lot.</instruction>", "Summarize the paragraph. Cats sleep a lot.", "tagged"),
+    # a rationale that quotes an example first: the last pair is the answer
+    ("Unlike <instruction>Name a river.</instruction>, this asks for reasoning.\n"
+     "<instruction>Why do rivers meander?</instruction>", "Why do rivers meander?", "tagged"),
+    ("It needs an input.\n<instruction>Translate to French. <input>Good morning</input></instruction>",
+     "Translate to French. Good morning", "tagged"),
+    ("A short reason.\n<instruction>List three prime numbers.", "List three prime numbers.", "unclosed"),
+    ("I would ask about rivers.", None, "none"),
+    ("<task>Name a river.</task>", None, "none"),  # the other style's tags are not this style's answer
+])
+def test_rationale_extraction(raw, expected, how):
+    assert extract_instruction(raw, "", RATIONALE) == (expected, how)
+
+
+def test_unknown_prompt_style_names_the_key():
+    from montessori.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="synthesis.prompt_style"):
+        prompt_style("chatty")

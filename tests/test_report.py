@@ -114,3 +114,14 @@ def test_report_rejects_a_bad_benchmark_file(tmp_path):
 def test_report_needs_results(tmp_path):
     with pytest.raises(DataError, match="no evaluation results"):
         build_report({}, str(tmp_path / "r.md"), str(tmp_path / "r.csv"), str(tmp_path / "fig"))
+
+
+def test_report_says_how_many_alpaca_instructions_were_left_out_and_why():
+    from montessori.report import alpaca_selection_note
+
+    note = alpaca_selection_note({"in_source": 805, "excluded_as_reference": 256, "evaluated": 549,
+                                  "reason": "the influence reference set holds these instructions"})
+    assert note.startswith("AlpacaEval: 549 of the set's 805 instructions evaluated; 256 left out because the "
+                           "influence reference set holds these instructions")
+    assert alpaca_selection_note({"in_source": 4, "excluded_as_reference": 0, "evaluated": 4}) == \
+        "AlpacaEval: 4 of the set's 4 instructions evaluated."

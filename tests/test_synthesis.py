@@ -348,3 +348,40 @@ def test_real_teacher_yields_instructions_and_answers(tmp_path, seed_pool, smol_
     answered = read_jsonl(responses)
     assert [r["id"] for r in answered] == [r["id"] for r in kept[:2]]
     assert any(r["response"] for r in answered)
+
+
+class RationaleTeacher(ScriptedTeacher):
+    """Answers as the rationale style asks: a reason, then the instruction in <instruction> tags."""
+
+    def generate(self, prompts, sampling, n, seed):
+        self.prompts_generated += len(prompts)
+        outputs = []
+        for position, prompt in enumerate(prompts):
+            texts = []
+            for c in range(n):
+                rng = random.Random(derive_seed(seed, prompt, position, c))
+                words = " ".join(rng.sample(WORDS, 6))
+                texts.append(f"This tests reasoning about {words}.\n<instruction>Explain why the {words} "
+                             f"matter.</instruction>")
+            outputs.append(texts)
+        return outputs
+
+
+def test_rationale_style_records_raw_outputs_and_dpo_trains_on_them(tmp_path, seed_pool):
+    from montessori.pairs import pairs_for_group
+
+    out = tmp_path / "shard-0.jsonl"
+    run_shard(instruction_settings(prompt_style="rationale", target=4, shards=1), seed_pool, out,
+              teacher=RationaleTeacher())
+    records = read_jsonl(out)
+    first = records[0]
+    assert first["prompt"].endswith("</user><assistant>")        # nothing pre-filled
+    assert "<instruction>" in first["prompt"] and "<task>" not in first["prompt"]
+    assert first["raw_output"].startswith("This tests reasoning") and first["extraction"] == "tagged"
+    assert first["instruction"].startswith("Explain why the ") and "<instruction>" not in first["instruction"]
+    group = [dict(record, score=score) for record, score in zip(records[:4], (-1.0, 1.0, -0.5, 0.5))]
+    pairs = pairs_for_group(first["group"], group, "sign")
+    assert pairs and all(pair["prompt"] == first["prompt"] for pair in pairs)
+    # DPO's prompt is the generation prompt, its completions the whole raw outputs, rationale included
+    assert {pair["chosen"] for pair in pairs} == {records[0]["raw_output"], records[2]["raw_output"]}
+    assert all(pair["rejected"].startswith("This tests reasoning") for pair in pairs)

@@ -308,3 +308,23 @@ def test_an_upgrade_that_changes_the_dpo_hook_we_override_fails_loudly():
     for changed in (Renamed, object):
         with pytest.raises(MontessoriError, match=r"trl .*_prepare_dataset .*install trl 1\.16"):
             check_dpo_prepare_dataset_hook(changed)
+
+
+# Turns end with <|endoftext|> (id 0), while the tokenizer's EOS is <|im_end|> (id 2), as
+# Llama-3's <|eot_id|> against the base model's <|end_of_text|>.
+OTHER_TURN_END = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+                  " + message['content'] | trim + '<|endoftext|>' }}{% endfor %}{% if add_generation_prompt %}"
+                  "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def test_sft_and_dpo_labels_end_with_the_end_of_turn_token_not_eos(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir, OTHER_TURN_END)
+    assert tokenizer.eos_token_id == 2 and tokenizer.convert_ids_to_tokens(0) == "<|endoftext|>"
+    encoded = encode_pair(tokenizer, "Name a colour.", "Blue.", 128)
+    assert encoded["labels"][-1] == 0 and 2 not in encoded["labels"]
+    prompt = chat_prompt(tokenizer, "Write a task.")
+    ids = training.dpo_tokenize(tokenizer, prompt, "<task>Name a colour.</task>", "<task>Draw.</task>")
+    assert ids["chosen_ids"][-1] == 0 and ids["rejected_ids"][-1] == 0
+    assert 2 not in ids["chosen_ids"] + ids["rejected_ids"]
+    already_closed = training.dpo_tokenize(tokenizer, prompt, "Blue.<|endoftext|>", "Red.<|endoftext|>")
+    assert already_closed["chosen_ids"].count(0) == 1

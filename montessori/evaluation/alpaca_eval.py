@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..data import load_rows
+from ..data import load_rows, reference_instructions
 from ..errors import ConfigError, DataError
 from ..io import ShardWriter, write_json_atomic
 from ..models import model_path
@@ -47,9 +47,29 @@ def _json_number(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def generate_outputs(settings: dict, student: str, out: str, name: str) -> None:
+def select_rows(rows: list[dict], limit: int | None, reference: str | None) -> tuple[list[dict], dict]:
+    """The instructions evaluated, and a record of how they were chosen.
+
+    With `reference` (the influence reference set, when it may overlap the evaluation set), its
+    instructions are left out before `limit` applies: the teacher was trained to help the student on
+    exactly those, so a win there measures the reference set, not the student."""
+    held_out = reference_instructions(reference) if reference else set()
+    # Reference instructions are stored stripped (data.alpaca_text); AlpacaEval's are not always.
+    remaining = [row for row in rows if row["instruction"].strip() not in held_out]
+    selected = remaining[:limit] if limit else remaining
+    record = {"in_source": len(rows), "excluded_as_reference": len(rows) - len(remaining), "evaluated": len(selected)}
+    if record["excluded_as_reference"]:
+        record["reason"] = ("the influence reference set holds these instructions "
+                            "(influence.reference.allow_eval_contamination: true)")
+    return selected, record
+
+
+def generate_outputs(settings: dict, student: str, out: str, name: str, selection: str | None = None,
+                     exclude: str | None = None) -> None:
     """Stage `eval_alpaca_generate`: the student's outputs for the evaluation instructions.
 
+    `exclude`: the influence reference set, whose instructions are not evaluated (`select_rows`);
+    `selection`: a JSON record of how many were evaluated and left out, for the report.
     settings: {"seed", "backend", "chat_template", "batch_size",
                "alpaca_eval": {"source", "limit", "max_new_tokens", "temperature" (0 = greedy)}}
     """
@@ -58,9 +78,12 @@ def generate_outputs(settings: dict, student: str, out: str, name: str) -> None:
     section = settings.get("alpaca_eval", {})
     if not section.get("source"):
         raise ConfigError("config key 'evaluation.alpaca_eval.source' is not set")
-    rows = read_alpaca_rows(section["source"], need_output=False)
-    limit = section.get("limit")
-    rows = rows[:limit] if limit else rows
+    rows, chosen = select_rows(read_alpaca_rows(section["source"], need_output=False), section.get("limit"), exclude)
+    if chosen["excluded_as_reference"]:
+        log.warning("alpaca_eval: %d of %d instructions left out: %s", chosen["excluded_as_reference"],
+                    chosen["in_source"], chosen["reason"])
+    if not rows:
+        raise DataError(f"{section['source']}: no instruction left to evaluate once the reference set's are out")
     generator = make_generator(settings, student)
     prompts = [generator.chat_prompt(row["instruction"]) for row in rows]
     sampling = {"temperature": float(section.get("temperature", 0.0)), "top_p": 1.0,
@@ -71,6 +94,8 @@ def generate_outputs(settings: dict, student: str, out: str, name: str) -> None:
                 "output": texts[0].strip(), "generator": name}
                for row, texts in zip(rows, completions)]
     write_json_atomic(out, outputs)
+    if selection:
+        write_json_atomic(selection, {"source": section["source"], **chosen})
     log.info("alpaca_eval: wrote %d outputs to %s", len(outputs), out)
 
 
