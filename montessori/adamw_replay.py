@@ -92,13 +92,24 @@ def adamw_apply_(param, grad, exp_avg, exp_avg_sq, scratch: Scratch, *, step: in
         param.copy_(work)
 
 
-def adamw_delta(param, grad, exp_avg, exp_avg_sq, scratch: Scratch, *, step: int, lr: float, betas,
-                eps: float, weight_decay: float):
-    """theta' - theta of that same step, computed directly (no cancellation): fp32, in scratch."""
+def adamw_update_dot(vector, grad, exp_avg, exp_avg_sq, scratch: Scratch, *, step: int, lr: float, betas,
+                     eps: float) -> float:
+    """vector . (theta' - theta) of that step without its weight-decay term (which does not depend
+    on the gradient: the caller adds -lr * weight_decay * (vector . theta), computed once).
+
+    The hot path of `first_order`, once per parameter per pair, so it makes as few passes over
+    memory as it can: with c = sqrt(1 - beta2^t), m' / (sqrt(v') / c + eps) = c m' / (sqrt(v') +
+    c eps), and the scalar factors are applied to the dot product, not to the tensor (7 passes
+    instead of 10; equal to the dot of the full update to fp32 rounding)."""
     import torch
 
-    exp_avg_new, denom = _new_moments(grad, exp_avg, exp_avg_sq, scratch, step, betas, eps)
-    delta = exp_avg_new.div_(denom).mul_(-(lr / (1 - betas[0] ** (step + 1))))
-    if weight_decay != 0:
-        delta.add_(param.to(torch.float32), alpha=-lr * weight_decay)
-    return delta
+    beta1, beta2 = betas
+    grad = grad.to(torch.float32)
+    exp_avg_new = torch.lerp(exp_avg.to(torch.float32), grad, 1 - beta1, out=scratch.get(0, grad))
+    denom = torch.mul(exp_avg_sq.to(torch.float32), beta2, out=scratch.get(1, grad))
+    denom.addcmul_(grad, grad, value=1 - beta2)
+    correction2 = (1 - beta2 ** (step + 1)) ** 0.5
+    denom.sqrt_().add_(correction2 * eps)
+    direction = exp_avg_new.div_(denom)
+    scale = -(lr / (1 - beta1 ** (step + 1))) * correction2
+    return scale * float(torch.dot(vector.reshape(-1), direction.view(-1)))

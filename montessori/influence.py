@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .adamw_replay import Scratch, WarmupState, adamw_apply_, adamw_delta
+from .adamw_replay import Scratch, WarmupState, adamw_apply_, adamw_update_dot
 from .chat import IGNORE_INDEX, encode_pair
 from .errors import ConfigError, DataError, ModelError
 from .io import atomic_path, resumable_shard, merge_shards, read_jsonl, shard_slice, write_json_atomic, write_jsonl_atomic
@@ -211,7 +211,8 @@ class WarmStart:
                 param.copy_(self.snapshot[name])
 
     def compute_reference_grad(self) -> None:
-        """grad L_ref at the warm-up weights, accumulated in fp32, once per shard."""
+        """grad L_ref at the warm-up weights, accumulated in fp32, once per shard; and each
+        parameter's weight-decay term of the first-order estimate, the same for every pair."""
         import torch
 
         sums = {}
@@ -226,18 +227,23 @@ class WarmStart:
         with _on_each_grad(self.params, accumulate):
             self.reference.backward(self.model)
         self.reference_grad = sums
+        self.decay_dot = {}
+        for name, ref in sums.items():
+            decay = self.state.decay(name)
+            self.decay_dot[name] = 0.0 if decay == 0 else -self.state.lr * decay * float(
+                torch.dot(ref.view(-1), self.params[name].detach().to(torch.float32).reshape(-1)))
 
     def release_reference_grad(self) -> None:
         self.reference_grad = None
 
     def _first_order_dot(self, name, param, grad) -> float:
-        import torch
-
+        """grad L_ref . (theta' - theta) for one parameter (0 for one without reference gradient)."""
         ref = self.reference_grad.get(name)
         if ref is None:
             return 0.0
-        delta = adamw_delta(param, grad, *self._moments(name), self.scratch, **self._hyper(name))
-        return float(torch.dot(ref.view(-1), delta.view(-1)))
+        hyper = self._hyper(name)
+        del hyper["weight_decay"]
+        return adamw_update_dot(ref, grad, *self._moments(name), self.scratch, **hyper) + self.decay_dot[name]
 
     def step_on_pair(self, batch: dict, apply: bool, first_order: bool) -> float | None:
         """Backward on the pair; each parameter's AdamW update is applied (and/or dotted with the

@@ -105,7 +105,14 @@ class Placement:
         return next(iter(self.device_map.values())) if self.device_map else self.devices[0]
 
     def load(self, checkpoint: str, weight_dtype: str):
-        return load_causal_lm(checkpoint, weight_dtype, self.devices[0], device_map=self.device_map)
+        """On a GPU, a device map even for one device: transformers then reads each tensor of the
+        checkpoint straight to the GPU instead of building the whole model in host memory first."""
+        import torch
+
+        device_map = self.device_map
+        if device_map is None and self.devices[0].startswith("cuda"):
+            device_map = {"": torch.device(self.devices[0])}
+        return load_causal_lm(checkpoint, weight_dtype, self.devices[0], device_map=device_map)
 
     def __str__(self) -> str:
         if not self.device_map:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import montessori.io as montessori_io
 from montessori import influence, placement
-from montessori.adamw_replay import Scratch, WarmupState, adamw_apply_, adamw_delta
+from montessori.adamw_replay import Scratch, WarmupState, adamw_apply_, adamw_update_dot
 from montessori.chat import encode_pair
 from montessori.errors import ConfigError, DataError
 from montessori.io import read_json, read_jsonl, write_jsonl_atomic
@@ -90,6 +90,15 @@ def load_scorer(warmup, data, aggregation="pooled"):
     return influence.WarmStart(model, state, reference_set), pairs
 
 
+def textbook_adamw_delta(param, grad, exp_avg, exp_avg_sq, *, step, lr, betas, eps, weight_decay):
+    """theta' - theta of one AdamW step, written out in float64 as in the AdamW paper."""
+    param, grad, m, v = (t.detach().double() for t in (param, grad, exp_avg, exp_avg_sq))
+    t = step + 1
+    m_hat = (betas[0] * m + (1 - betas[0]) * grad) / (1 - betas[0] ** t)
+    v_hat = (betas[1] * v + (1 - betas[1]) * grad * grad) / (1 - betas[1] ** t)
+    return -lr * (m_hat / (v_hat.sqrt() + eps) + weight_decay * param)
+
+
 def test_update_math_is_torch_adamw_bit_for_bit():
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(50, 7))
@@ -105,11 +114,17 @@ def test_update_math_is_torch_adamw_bit_for_bit():
     predicted = param.detach().clone()
     scratch = Scratch()
     adamw_apply_(predicted, param.grad, exp_avg, exp_avg_sq, scratch, **hyper)
-    delta = adamw_delta(param, param.grad, exp_avg, exp_avg_sq, scratch, **hyper).clone()
+    delta = textbook_adamw_delta(param, param.grad, exp_avg, exp_avg_sq, **hyper)
+    vector = torch.randn_like(param)
+    without_decay = {k: v for k, v in hyper.items() if k != "weight_decay"}
+    dot = adamw_update_dot(vector, param.grad, exp_avg, exp_avg_sq, scratch, **without_decay)
     optimizer.step()
     assert torch.equal(predicted, param.detach())
     # up to the rounding of theta + delta in fp32 (|theta| ~ 2 here)
-    torch.testing.assert_close(before + delta, param.detach(), rtol=0, atol=5e-7)
+    torch.testing.assert_close(before.double() + delta, param.detach().double(), rtol=0, atol=5e-7)
+    # the first-order dot: the step's dot product, less its weight-decay term (added by the caller)
+    expected = float(vector.double().view(-1) @ (delta + 3e-3 * 0.1 * before.double()).view(-1))
+    assert dot == pytest.approx(expected, rel=1e-5)
     # the moments given were not touched
     assert not torch.equal(exp_avg, state["exp_avg"])
 
@@ -202,7 +217,7 @@ def test_first_order_matches_a_finite_difference(warmup, data, aggregation):
         total, count = influence.response_nll(scorer.model, pair)
         (total / count).backward()
         with torch.no_grad():
-            delta = {n: adamw_delta(p, p.grad, *scorer._moments(n), scorer.scratch, **scorer._hyper(n)).clone()
+            delta = {n: textbook_adamw_delta(p, p.grad, *scorer._moments(n), **scorer._hyper(n))
                      for n, p in params.items()}
         scorer.model.zero_grad(set_to_none=True)
         # the finite difference in float64, where a small step is far above rounding noise
