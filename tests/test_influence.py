@@ -381,3 +381,14 @@ def test_merge_errors_for_missing_and_duplicate_ids(tmp_path, data):
     with pytest.raises(DataError, match=r"'probe-04' appears twice"):
         influence.merge_influence({}, shard_paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], **paths)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_one_gpu_placement_loads_weights_straight_to_that_gpu(monkeypatch):
+    """Without a device map transformers builds the whole model in host memory first (32 GB for
+    an 8B model in fp32); with {"": gpu} it reads each tensor onto the GPU."""
+    calls = []
+    monkeypatch.setattr(placement, "load_causal_lm", lambda *args, **kwargs: calls.append((args, kwargs)))
+    placement.Placement(["cuda:0"]).load("ckpt", "bfloat16")
+    placement.Placement(["cpu"]).load("ckpt", "float32")
+    assert calls[0][1]["device_map"] == {"": torch.device("cuda:0")}
+    assert calls[1][1]["device_map"] is None
