@@ -2,13 +2,19 @@
 
 Influence scoring replays one AdamW step from exactly the state the warm-up ended in, so the
 state is stored keyed by `model.named_parameters()` names (not by optimizer slot numbers, which
-depend on how param groups were built) together with the hyper-parameters of that step. Format
-(docs/ARCHITECTURE.md): `{"step", "lr", "betas", "eps", "weight_decay", "no_decay", "exp_avg",
-"exp_avg_sq"}`.
+depend on how param groups were built) together with the hyper-parameters of that step.
+
+Format (docs/ARCHITECTURE.md): `optimizer_state.safetensors`, tensors `exp_avg/<name>` and
+`exp_avg_sq/<name>` (fp32), metadata key `adamw` = JSON `{"step", "lr", "betas", "eps",
+"weight_decay", "no_decay"}`. Safetensors, not a pickle, because the reader must fetch one tensor
+at a time straight to its parameter's device: for an 8B student the moments are 64 GB, which a
+`torch.load` would first materialize in host memory. Files of the earlier format
+(`optimizer_state.pt`, one pickled dict) are still read, memory-mapped.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -16,8 +22,11 @@ from pathlib import Path
 from .errors import DataError
 from .io import atomic_path
 
-STATE_FILE = "optimizer_state.pt"
-_KEYS = ("step", "lr", "betas", "eps", "weight_decay", "no_decay", "exp_avg", "exp_avg_sq")
+STATE_FILE = "optimizer_state.safetensors"
+LEGACY_STATE_FILE = "optimizer_state.pt"
+_METADATA_KEY = "adamw"
+_HYPER_KEYS = ("step", "lr", "betas", "eps", "weight_decay", "no_decay")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _unwrap_optimizer(optimizer):
@@ -127,7 +136,7 @@ def _gathered_state(model, optimizer) -> tuple[list[tuple[float, list[str]]], di
 
 
 def save_adamw_state(model, optimizer, lr: float, out_dir: str | os.PathLike) -> Path:
-    """Write `out_dir/optimizer_state.pt` from a (possibly accelerate-wrapped) torch AdamW.
+    """Write `out_dir/optimizer_state.safetensors` from a (possibly accelerate-wrapped) torch AdamW.
 
     `lr` is the learning rate in force at the end of training (the one the influence step uses).
     Param groups may differ in weight decay (HF Trainer puts biases and norms in a group with
@@ -138,6 +147,7 @@ def save_adamw_state(model, optimizer, lr: float, out_dir: str | os.PathLike) ->
     alone writes the file (the same file as one process would write).
     """
     import torch
+    from safetensors.torch import save_file
 
     optimizer = _unwrap_optimizer(optimizer)
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
@@ -156,39 +166,85 @@ def save_adamw_state(model, optimizer, lr: float, out_dir: str | os.PathLike) ->
     steps = {int(s["step"].item() if torch.is_tensor(s["step"]) else s["step"]) for s in states.values()}
     if len(steps) > 1:
         raise ValueError(f"save_adamw_state: parameters were stepped different numbers of times {sorted(steps)}")
-    state = {
-        "step": steps.pop() if steps else 0,
-        "lr": float(lr),
-        "betas": betas,
-        "eps": eps,
-        "weight_decay": weight_decay,
-        "no_decay": sorted(no_decay),
-        # Parameters absent from the optimizer state never had a gradient: AdamW left them untouched too.
-        "exp_avg": {name: s["exp_avg"] for name, s in states.items()},
-        "exp_avg_sq": {name: s["exp_avg_sq"] for name, s in states.items()},
-    }
+    hyper = {"step": steps.pop() if steps else 0, "lr": float(lr), "betas": list(betas), "eps": eps,
+             "weight_decay": weight_decay, "no_decay": sorted(no_decay)}
+    # Parameters absent from the optimizer state never had a gradient: AdamW left them untouched too.
+    tensors = {f"{moment}/{name}": s[moment].contiguous() for name, s in states.items() for moment in _MOMENTS}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        save_file(tensors, str(tmp), metadata={_METADATA_KEY: json.dumps(hyper)})
     return path
 
 
-def load_adamw_state(path: str | os.PathLike) -> dict:
-    """Read a file written by `save_adamw_state` (a directory means the file inside it)."""
-    import torch
+class AdamWStateFile:
+    """A saved AdamW state, read lazily: the hyper-parameters at once, each moment tensor only
+    when asked for, and then straight onto the device given (host memory holds at most one tensor)."""
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.exists():
-        raise DataError(f"{path}: optimizer state not found (the warm-up saves it beside the weights)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DataError(f"{path}: not a readable optimizer state ({err})") from None
-    missing = [key for key in _KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise DataError(f"{path}: optimizer state lacks {missing}")
-    if set(state["exp_avg"]) != set(state["exp_avg_sq"]):
-        raise DataError(f"{path}: exp_avg and exp_avg_sq name different parameters")
-    state["betas"] = tuple(state["betas"])
-    return state
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_dir():
+            path = next((path / name for name in (STATE_FILE, LEGACY_STATE_FILE) if (path / name).exists()),
+                        path / STATE_FILE)
+        if not path.exists():
+            raise DataError(f"{path}: optimizer state not found (the warm-up saves it beside the weights)")
+        self.path = path
+        self._handles: dict = {}
+        self._legacy: dict | None = None
+        if path.suffix == ".pt":
+            hyper, names = self._open_legacy()
+        else:
+            hyper, names = self._open_safetensors()
+        missing = [key for key in _HYPER_KEYS if key not in hyper]
+        if missing:
+            raise DataError(f"{path}: optimizer state lacks {missing}")
+        if names["exp_avg"] != names["exp_avg_sq"]:
+            raise DataError(f"{path}: exp_avg and exp_avg_sq name different parameters")
+        self.step = int(hyper["step"])
+        self.lr = float(hyper["lr"])
+        self.betas = tuple(float(b) for b in hyper["betas"])
+        self.eps = float(hyper["eps"])
+        self.weight_decay = float(hyper["weight_decay"])
+        self.no_decay = list(hyper["no_decay"])
+        self.names = set(names["exp_avg"])
+
+    def _open_safetensors(self) -> tuple[dict, dict]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+                metadata, keys = handle.metadata() or {}, list(handle.keys())
+            hyper = json.loads(metadata[_METADATA_KEY]) if _METADATA_KEY in metadata else {}
+        except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
+            raise DataError(f"{self.path}: not a readable optimizer state ({err})") from None
+        names = {moment: {k.split("/", 1)[1] for k in keys if k.startswith(moment + "/")} for moment in _MOMENTS}
+        return hyper, names
+
+    def _open_legacy(self) -> tuple[dict, dict]:
+        import torch
+
+        try:
+            # mmap: tensors stay on disk until each is copied to its device
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise DataError(f"{self.path}: not a readable optimizer state ({err})") from None
+        if not isinstance(state, dict) or any(moment not in state for moment in _MOMENTS):
+            raise DataError(f"{self.path}: optimizer state lacks {[m for m in _MOMENTS if m not in state]}")
+        self._legacy = state
+        return state, {moment: set(state[moment]) for moment in _MOMENTS}
+
+    def moments(self, name: str, device="cpu", dtype=None):
+        """(exp_avg, exp_avg_sq) of parameter `name` on `device`, in `dtype` (default: as stored)."""
+        if name not in self.names:
+            raise DataError(f"{self.path}: no AdamW moments for parameter {name!r}")
+        pair = []
+        for moment in _MOMENTS:
+            if self._legacy is not None:
+                tensor = self._legacy[moment][name].to(device)
+            else:
+                device_key = str(device)
+                if device_key not in self._handles:
+                    from safetensors import safe_open
+
+                    self._handles[device_key] = safe_open(str(self.path), framework="pt", device=device_key)
+                tensor = self._handles[device_key].get_tensor(f"{moment}/{name}")
+            pair.append(tensor if dtype is None else tensor.to(dtype))
+        return tuple(pair)

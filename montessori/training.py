@@ -400,7 +400,7 @@ def _announce(done: str, out_dir: Path, stage: str, steps: int) -> None:
 def warmup(settings: dict, student: str, data: str, out_dir: str, done: str) -> None:
     """Stage `warmup`: settings = config `warmup` + seed + chat_template.
 
-    Saves the fp32 student, its tokenizer and `optimizer_state.pt` (AdamW moments, step and the
+    Saves the fp32 student, its tokenizer and `optimizer_state.safetensors` (AdamW moments, step and the
     lr in force at the end) into `out_dir`, then the `done` card.
     """
     from .optim_state import save_adamw_state

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import montessori.io as montessori_io
-from montessori import influence
+from montessori import influence, placement
+from montessori.adamw_replay import Scratch, WarmupState, adamw_apply_, adamw_update_dot
 from montessori.chat import encode_pair
 from montessori.errors import ConfigError, DataError
 from montessori.io import read_json, read_jsonl, write_jsonl_atomic
@@ -55,7 +56,9 @@ def warmup(tiny_model_dir, shared_data, tmp_path_factory):
 def data(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     write_jsonl_atomic(root / "probing.jsonl", alpaca_pairs(shared_data, 0, 6, "probe"))
-    reference = [{k: p[k] for k in ("id", "instruction", "response")} for p in alpaca_pairs(shared_data, 50, 5, "ref")]
+    # responses of uneven lengths, not sorted: sorting the forward batches by length regroups them
+    reference = [{"id": p["id"], "instruction": p["instruction"], "response": p["response"][:chars]}
+                 for p, chars in zip(alpaca_pairs(shared_data, 50, 5, "ref"), (120, 15, 200, 40, 80))]
     write_jsonl_atomic(root / "reference.jsonl", reference)
     return root / "probing.jsonl", root / "reference.jsonl"
 
@@ -73,18 +76,27 @@ def run_shard(tmp_path, warmup, data, name, shard=0, **overrides):
     return read_jsonl(out), read_json(summary)
 
 
-def load_scorer(warmup, data):
+def load_scorer(warmup, data, aggregation="pooled"):
     from montessori.models import model_path
 
     checkpoint = model_path(warmup)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    state = influence.WarmupState.load(checkpoint, model, torch.float32)
+    state = WarmupState.load(checkpoint, model, torch.float32)
     reference = influence.encode_records(tokenizer, read_jsonl(data[1]), MAX_LENGTH, data[1])
-    batches = influence.make_batches(reference, 2, tokenizer.pad_token_id, "cpu")
+    reference_set = influence.ReferenceSet.build(reference, 2, aggregation, tokenizer.pad_token_id, "cpu")
     probes = influence.encode_records(tokenizer, read_jsonl(data[0]), MAX_LENGTH, data[0])
     pairs = [influence.make_batches([p], 1, tokenizer.pad_token_id, "cpu")[0] for p in probes]
-    return influence.Scorer(model, state, batches), pairs
+    return influence.WarmStart(model, state, reference_set), pairs
+
+
+def textbook_adamw_delta(param, grad, exp_avg, exp_avg_sq, *, step, lr, betas, eps, weight_decay):
+    """theta' - theta of one AdamW step, written out in float64 as in the AdamW paper."""
+    param, grad, m, v = (t.detach().double() for t in (param, grad, exp_avg, exp_avg_sq))
+    t = step + 1
+    m_hat = (betas[0] * m + (1 - betas[0]) * grad) / (1 - betas[0] ** t)
+    v_hat = (betas[1] * v + (1 - betas[1]) * grad * grad) / (1 - betas[1] ** t)
+    return -lr * (m_hat / (v_hat.sqrt() + eps) + weight_decay * param)
 
 
 def test_update_math_is_torch_adamw_bit_for_bit():
@@ -100,20 +112,62 @@ def test_update_math_is_torch_adamw_bit_for_bit():
     param.grad = torch.randn_like(param)
     hyper = {"step": step, "lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     predicted = param.detach().clone()
-    scratch = influence.Scratch()
-    influence.adamw_apply_(predicted, param.grad, exp_avg, exp_avg_sq, scratch, **hyper)
-    delta = influence.adamw_delta(param, param.grad, exp_avg, exp_avg_sq, scratch, **hyper).clone()
+    scratch = Scratch()
+    adamw_apply_(predicted, param.grad, exp_avg, exp_avg_sq, scratch, **hyper)
+    delta = textbook_adamw_delta(param, param.grad, exp_avg, exp_avg_sq, **hyper)
+    vector = torch.randn_like(param)
+    without_decay = {k: v for k, v in hyper.items() if k != "weight_decay"}
+    dot = adamw_update_dot(vector, param.grad, exp_avg, exp_avg_sq, scratch, **without_decay)
     optimizer.step()
     assert torch.equal(predicted, param.detach())
     # up to the rounding of theta + delta in fp32 (|theta| ~ 2 here)
-    torch.testing.assert_close(before + delta, param.detach(), rtol=0, atol=5e-7)
+    torch.testing.assert_close(before.double() + delta, param.detach().double(), rtol=0, atol=5e-7)
+    # the first-order dot: the step's dot product, less its weight-decay term (added by the caller)
+    expected = float(vector.double().view(-1) @ (delta + 3e-3 * 0.1 * before.double()).view(-1))
+    assert dot == pytest.approx(expected, rel=1e-5)
     # the moments given were not touched
     assert not torch.equal(exp_avg, state["exp_avg"])
 
 
-def test_exact_equals_the_original_algorithm(tmp_path, warmup, data):
-    exact, exact_summary = run_shard(tmp_path, warmup, data, "exact", mode="exact")
-    original, original_summary = run_shard(tmp_path, warmup, data, "reference", mode="reference")
+def test_aggregation_weights():
+    counts = [10, 30, 5, 5, 50]
+    assert influence.aggregation_weights(counts, "pooled", 2) == [1 / 100] * 5
+    # file-order batches {10, 30}, {5, 5}, {50}: each batch's mean, averaged over 3 batches
+    assert influence.aggregation_weights(counts, "batch_mean", 2) == pytest.approx(
+        [1 / 120, 1 / 120, 1 / 30, 1 / 30, 1 / 150])
+    with pytest.raises(ConfigError, match="influence.loss_aggregation"):
+        influence.aggregation_weights(counts, "median", 2)
+
+
+def test_batch_mean_is_fixed_by_file_order_whatever_the_forward_batches(tiny_model_dir, data):
+    """batch_mean batches are the file's consecutive records; exact's length-sorted forward
+    batches regroup the records, which must change nothing: each record's loss is weighted by
+    its file-order batch."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    encoded = influence.encode_records(tokenizer, read_jsonl(data[1]), MAX_LENGTH, data[1])
+    pad = tokenizer.pad_token_id
+    file_order = influence.make_batches(encoded, 2, pad, "cpu", pad_to=MAX_LENGTH, sort_by_length=False)
+    original = influence.original_reference_loss(model, file_order, "batch_mean")
+    built = influence.ReferenceSet.build(encoded, 2, "batch_mean", pad, "cpu")
+    assert [b["rows"] for b in built.batches] != [b["rows"] for b in file_order]  # really regrouped
+    assert built.loss(model) == pytest.approx(original, abs=1e-9)
+    for forward_size in (1, 3, 5):
+        regrouped = influence.ReferenceSet(influence.make_batches(encoded, forward_size, pad, "cpu"), built.weights)
+        assert regrouped.loss(model) == pytest.approx(original, abs=1e-9), forward_size
+    pooled = influence.ReferenceSet.build(encoded, 2, "pooled", pad, "cpu").loss(model)
+    assert pooled == pytest.approx(influence.original_reference_loss(model, file_order, "pooled"), abs=1e-9)
+    assert abs(pooled - original) > 1e-3  # the two aggregations differ on this uneven set
+
+
+@pytest.mark.parametrize("aggregation", ["pooled", "batch_mean"])
+def test_exact_equals_the_original_algorithm(tmp_path, warmup, data, aggregation):
+    """`exact` (length-sorted forward batches, per-record weights) against the original (file-order
+    batches padded to max_length, each batch's own mean): the same loss under either aggregation."""
+    exact, exact_summary = run_shard(tmp_path, warmup, data, "exact", mode="exact", loss_aggregation=aggregation)
+    original, original_summary = run_shard(tmp_path, warmup, data, "reference", mode="reference",
+                                           loss_aggregation=aggregation)
+    assert exact_summary["loss_aggregation"] == original_summary["loss_aggregation"] == aggregation
     assert [r["id"] for r in exact] == [r["id"] for r in original] == [f"probe-{i:02d}" for i in range(6)]
     for a, b in zip(exact, original):
         for key in ("loss_before", "loss_after", "influence", "influence_vs_momentum"):
@@ -148,8 +202,9 @@ def test_restore_is_bit_identical_after_every_example(warmup, data):
     assert scorer.score(pairs[0], exact=True, first_order=False)["loss_after"] == losses[0]
 
 
-def test_first_order_matches_a_finite_difference(warmup, data):
-    scorer, pairs = load_scorer(warmup, data)
+@pytest.mark.parametrize("aggregation", ["pooled", "batch_mean"])
+def test_first_order_matches_a_finite_difference(warmup, data, aggregation):
+    scorer, pairs = load_scorer(warmup, data, aggregation)
     # The tokenizer's pad token is <|im_end|>, which ends every response; nn.Embedding(padding_idx)
     # drops its input occurrences from the gradient (as in training), which a finite difference
     # would not. Compare the two on the plain derivative.
@@ -162,7 +217,7 @@ def test_first_order_matches_a_finite_difference(warmup, data):
         total, count = influence.response_nll(scorer.model, pair)
         (total / count).backward()
         with torch.no_grad():
-            delta = {n: influence.adamw_delta(p, p.grad, *scorer._moments(n), scorer.scratch, **scorer._hyper(n)).clone()
+            delta = {n: textbook_adamw_delta(p, p.grad, *scorer._moments(n), **scorer._hyper(n))
                      for n, p in params.items()}
         scorer.model.zero_grad(set_to_none=True)
         # the finite difference in float64, where a small step is far above rounding noise
@@ -174,7 +229,7 @@ def test_first_order_matches_a_finite_difference(warmup, data):
             with torch.no_grad():
                 for n, p in params.items():
                     params64[n].copy_(p.double() + sign * eps * delta[n].double())
-            losses.append(influence.reference_loss(model64, scorer.reference_batches))
+            losses.append(scorer.reference.loss(model64))
         central = (losses[0] - losses[1]) / (2 * eps)
         assert abs(estimate) > 1e-4
         assert estimate == pytest.approx(central, rel=2e-3)
@@ -223,13 +278,13 @@ def test_resume_after_a_kill_skips_done_ids_and_matches(tmp_path, warmup, data, 
     monkeypatch.setattr(montessori_io.ShardWriter, "append", real_append)
 
     scored = []
-    real_score = influence.Scorer.score
+    real_score = influence.WarmStart.score
 
     def counting_score(self, batch, exact, first_order):
         scored.append(batch["input_ids"].shape)
         return real_score(self, batch, exact, first_order)
 
-    monkeypatch.setattr(influence.Scorer, "score", counting_score)
+    monkeypatch.setattr(influence.WarmStart, "score", counting_score)
     resumed, summary = run_shard(tmp_path, warmup, data, "killed")
     assert len(scored) == 4
     assert summary["count"] == 6
@@ -257,7 +312,7 @@ def untied_skeleton(layers: int):
 @pytest.mark.parametrize("devices", [2, 3, 4])
 def test_layer_split_is_consecutive_balanced_and_covers_every_parameter(devices):
     model = untied_skeleton(layers=12)
-    split = influence.layer_split(model, devices)
+    split = placement.layer_split(model, devices)
     assert list(split.values()) == sorted(split.values()), "modules must go to devices in forward order"
     assert set(split.values()) == set(range(devices))
     parameters = {name for name, _ in model.named_parameters()}
@@ -269,12 +324,12 @@ def test_layer_split_is_consecutive_balanced_and_covers_every_parameter(devices)
     for name, param in model.named_parameters():
         unit = next(u for u in split if name == u or name.startswith(u + "."))
         loads[split[unit]] += param.numel()
-    largest_unit = max(sum(p.numel() for p in module.parameters()) for _, module in influence.placement_units(model))
+    largest_unit = max(sum(p.numel() for p in module.parameters()) for _, module in placement.placement_units(model))
     assert max(loads) - min(loads) <= 2 * largest_unit, loads
 
 
 def test_a_tied_head_stays_with_the_embeddings(tiny_model_dir):
-    split = influence.layer_split(influence.model_skeleton(tiny_model_dir), 2)
+    split = placement.layer_split(placement.model_skeleton(tiny_model_dir), 2)
     assert split["lm_head"] == split["model.embed_tokens"] == 0
     assert split["model.layers.0"] == 1                  # the embeddings are most of this tiny model
 
@@ -283,7 +338,7 @@ def test_a_shard_over_several_devices_scores_as_one_device(tmp_path, warmup, dat
     """The multi-GPU placement path (layer split, dispatched model, moments and scratch per
     parameter device, labels on the head's device) on two stand-in devices of this CPU."""
     single, _ = run_shard(tmp_path, warmup, data, "one-device", mode="exact")
-    monkeypatch.setattr(influence, "visible_gpus", lambda: ["cpu", "cpu"])
+    monkeypatch.setattr(placement, "visible_gpus", lambda: ["cpu", "cpu"])
     spread, summary = run_shard(tmp_path, warmup, data, "two-devices", mode="exact", gpus_per_shard=2)
     assert summary["devices"] == ["cpu", "cpu"]
     strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
@@ -326,3 +381,14 @@ def test_merge_errors_for_missing_and_duplicate_ids(tmp_path, data):
     with pytest.raises(DataError, match=r"'probe-04' appears twice"):
         influence.merge_influence({}, shard_paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], **paths)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_one_gpu_placement_loads_weights_straight_to_that_gpu(monkeypatch):
+    """Without a device map transformers builds the whole model in host memory first (32 GB for
+    an 8B model in fp32); with {"": gpu} it reads each tensor onto the GPU."""
+    calls = []
+    monkeypatch.setattr(placement, "load_causal_lm", lambda *args, **kwargs: calls.append((args, kwargs)))
+    placement.Placement(["cuda:0"]).load("ckpt", "bfloat16")
+    placement.Placement(["cpu"]).load("ckpt", "float32")
+    assert calls[0][1]["device_map"] == {"": torch.device("cuda:0")}
+    assert calls[1][1]["device_map"] is None

@@ -1,4 +1,5 @@
-"""The warm-up's AdamW state file: round trip, Trainer-style groups, accelerate wrapping, errors."""
+"""The warm-up's AdamW state file: round trip, Trainer-style groups, accelerate wrapping, the
+earlier pickled format, lazy per-tensor reading, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from montessori.errors import DataError
-from montessori.optim_state import STATE_FILE, load_adamw_state, save_adamw_state, trainer_param_groups
+from montessori.optim_state import (
+    LEGACY_STATE_FILE,
+    STATE_FILE,
+    AdamWStateFile,
+    save_adamw_state,
+    trainer_param_groups,
+)
+
+
+def load_adamw_state(path) -> dict:
+    """The whole state as one dict (the earlier format's layout), read through AdamWStateFile."""
+    saved = AdamWStateFile(path)
+    moments = {name: saved.moments(name) for name in saved.names}
+    return {"step": saved.step, "lr": saved.lr, "betas": saved.betas, "eps": saved.eps,
+            "weight_decay": saved.weight_decay, "no_decay": saved.no_decay,
+            "exp_avg": {n: m for n, (m, _) in moments.items()}, "exp_avg_sq": {n: v for n, (_, v) in moments.items()}}
+
 
 def trainer_style_optimizer(model, lr=1e-3, weight_decay=0.1, **kwargs):
     groups = trainer_param_groups(model, weight_decay)
@@ -89,9 +106,48 @@ def test_unrepresentable_optimizers_are_refused(tiny_model, tmp_path):
     assert not (tmp_path / STATE_FILE).exists()
 
 
+def test_the_earlier_pickled_format_reads_the_same(tiny_model, tmp_path):
+    """A state written as one pickled dict (the format before safetensors) and the same state
+    written now load to equal values, tensor by tensor."""
+    optimizer, _ = trainer_style_optimizer(tiny_model)
+    train_steps(tiny_model, optimizer, steps=2)
+    new = load_adamw_state(save_adamw_state(tiny_model, optimizer, 5e-4, tmp_path / "new"))
+    (tmp_path / "old").mkdir()
+    torch.save(new, tmp_path / "old" / LEGACY_STATE_FILE)
+    old = load_adamw_state(tmp_path / "old")
+    assert AdamWStateFile(tmp_path / "old").path.name == LEGACY_STATE_FILE
+    for key in ("step", "lr", "betas", "eps", "weight_decay", "no_decay"):
+        assert old[key] == new[key], key
+    assert old["exp_avg"].keys() == new["exp_avg"].keys()
+    for name in new["exp_avg"]:
+        assert torch.equal(old["exp_avg"][name], new["exp_avg"][name])
+        assert torch.equal(old["exp_avg_sq"][name], new["exp_avg_sq"][name])
+
+
+def test_moments_are_read_one_tensor_at_a_time_without_unpickling(tiny_model, tmp_path, monkeypatch):
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    train_steps(tiny_model, optimizer, steps=1)
+    save_adamw_state(tiny_model, optimizer, 1e-3, tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole state was unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    saved = AdamWStateFile(tmp_path)
+    name, param = next(iter(tiny_model.named_parameters()))
+    exp_avg, exp_avg_sq = saved.moments(name, "cpu", torch.bfloat16)
+    assert exp_avg.dtype == exp_avg_sq.dtype == torch.bfloat16 and exp_avg.shape == param.shape
+    assert torch.equal(exp_avg, optimizer.state[param]["exp_avg"].to(torch.bfloat16))
+    with pytest.raises(DataError, match="no AdamW moments for parameter 'nope'"):
+        saved.moments("nope")
+
+
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_adamw_state(tmp_path)
-    torch.save({"step": 1}, tmp_path / STATE_FILE)
+    torch.save({"step": 1, "exp_avg": {}, "exp_avg_sq": {}}, tmp_path / LEGACY_STATE_FILE)
     with pytest.raises(DataError, match=r"optimizer_state\.pt: optimizer state lacks"):
-        load_adamw_state(tmp_path / STATE_FILE)
+        load_adamw_state(tmp_path / LEGACY_STATE_FILE)
+    (tmp_path / STATE_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match=r"optimizer_state\.safetensors: not a readable optimizer state"):
+        load_adamw_state(tmp_path)

@@ -133,7 +133,7 @@ def test_warmup_on_two_processes_trains_the_single_process_model(runs, student, 
     assert "batch 1 x 1 accumulation" in result["stderr"]      # 2 processes x 1 = one step of 2
 
     assert_written_once_by_rank_zero(result["audit"], [done, out_dir / "run.json", out_dir / "training_complete.json",
-                                                       out_dir / "optimizer_state.pt"])
+                                                       out_dir / "optimizer_state.safetensors"])
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in single.iterdir())
     assert read_json(done)["path"] == str(out_dir) and read_json(done)["steps"] == 4
 
