@@ -180,7 +180,8 @@ def test_a_site_profile_and_the_rules_combine(preset_dry_run):
     influence = [job for job in jobs if job.rule == "influence"]
     assert {(job.resources["qos"], job.resources["runtime"]) for job in influence} == {("long", "2880")}
     gpus = {job.rule: int(job.resources.get("gpu", 0)) for job in jobs}
-    assert gpus["warmup"] == gpus["sft_student"] == gpus["dpo_teacher"] == config["compute"]["training_gpus"]
+    assert gpus["warmup"] == gpus["sft_student"] == config["compute"]["training_gpus"]
+    assert gpus["dpo_teacher"] == (config["dpo"]["gpus"] or config["compute"]["training_gpus"])
     assert gpus["influence"] == config["compute"]["gpus"] * config["influence"]["gpus_per_shard"]
 
 

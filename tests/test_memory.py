@@ -61,9 +61,9 @@ def test_the_8b_preset_requests_follow_the_arithmetic():
     assert rule_memory_mb("warmup", config) == 145_000             # 96,364 + 48,000 MB -> 145 GB
     # SFT with checkpoints every 50 steps: the same gather
     assert rule_memory_mb("sft", config) == 145_000
-    # DPO without checkpoints: policy and reference, fp32, on rank 0
-    assert 8 * p == 64_242_089_984
-    assert rule_memory_mb("dpo", config) == 113_000                # 64,243 + 48,000 MB -> 113 GB
+    # DPO without checkpoints: policy and reference, fp32, on rank 0; dpo.gpus = 2 processes
+    assert 8 * p == 64_242_089_984 and config["dpo"]["gpus"] == 2
+    assert rule_memory_mb("dpo", config) == 77_000                 # 64,243 + 12,000 MB -> 77 GB
     assert overhead * processes == 48_000
 
 

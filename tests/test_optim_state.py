@@ -15,15 +15,7 @@ from montessori.optim_state import (
     save_adamw_state,
     trainer_param_groups,
 )
-
-
-def load_adamw_state(path) -> dict:
-    """The whole state as one dict (the earlier format's layout), read through AdamWStateFile."""
-    saved = AdamWStateFile(path)
-    moments = {name: saved.moments(name) for name in saved.names}
-    return {"step": saved.step, "lr": saved.lr, "betas": saved.betas, "eps": saved.eps,
-            "weight_decay": saved.weight_decay, "no_decay": saved.no_decay,
-            "exp_avg": {n: m for n, (m, _) in moments.items()}, "exp_avg_sq": {n: v for n, (_, v) in moments.items()}}
+from state_helpers import load_adamw_state
 
 
 def trainer_style_optimizer(model, lr=1e-3, weight_decay=0.1, **kwargs):

@@ -13,7 +13,7 @@ from montessori.chat import IGNORE_INDEX, chat_completion_text, chat_prompt, enc
 from montessori.errors import DataError, ModelError
 from montessori.io import read_json, write_json_atomic, write_jsonl_atomic
 from montessori.models import load_tokenizer, write_model_card
-from montessori.optim_state import load_adamw_state
+from state_helpers import load_adamw_state
 from montessori.schedules import schedule_factor
 
 RECORDS = [{"id": f"r{i}", "instruction": f"Name the number after {i}.",

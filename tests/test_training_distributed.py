@@ -28,7 +28,7 @@ from montessori.chat import chat_prompt
 from montessori.errors import ConfigError
 from montessori.io import read_json, write_jsonl_atomic
 from montessori.models import load_tokenizer
-from montessori.optim_state import load_adamw_state
+from state_helpers import load_adamw_state
 
 RECORDS = [{"id": f"r{i}", "instruction": f"Name the number after {i}.",
             "response": f"The number after {i} is {i + 1}." + " Indeed." * (i % 3)} for i in range(8)]
