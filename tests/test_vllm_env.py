@@ -143,7 +143,8 @@ def test_every_install_path_resolves(tmp_path):
 
     pins = {CPU_TO_CUDA.get(name, name): version for name, version in vllm_pins().items()}
     for env in VLLM_ENVS:
-        assert {name: resolved[env][name] for name in pins} == pins
+        # The public version: a local build (torch 2.13.0+cpu from a find-links wheel) is the same release.
+        assert {name: Version(resolved[env][name]).public for name in pins} == pins
     # Everything the rules and Snakemake import, over the README's commands together.
     readme = {name: version for extras in readme_commands for name, version in resolved[f"README .[{extras}]"].items()}
     for name in ("snakemake", "snakemake-executor-plugin-slurm", "vllm", "lm-eval", "scikit-learn", "pandas", "trl"):
