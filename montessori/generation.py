@@ -169,7 +169,7 @@ class APIGenerator(Generator):
 
 def vllm_enforce_eager() -> bool:
     """True without a GPU (vLLM's CPU build): on 2 cores its torch.compile warm-up took about 3 minutes
-    for SmolLM2-135M and eager loading 20 s, more than compilation ever wins back on a CPU shard.
+    for SmolLM2-135M and eager loading 20 s (issue 10's trial), more than compilation wins back there.
     On a GPU, CUDA graphs pay for themselves, so vLLM keeps its default there."""
     import torch
 
