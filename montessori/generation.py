@@ -154,7 +154,7 @@ class VLLMGenerator(Generator):
         self.tokenizer = load_tokenizer(path, chat_template)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.llm = LLM(model=path, tokenizer=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                       tensor_parallel_size=tensor_parallel_size)
+                       tensor_parallel_size=tensor_parallel_size, enforce_eager=vllm_enforce_eager())
 
     def generate(self, prompts: list[str], sampling: dict, n: int, seed: int | list[int]) -> list[list[str]]:
         from vllm import SamplingParams
@@ -215,6 +215,15 @@ class APIGenerator(Generator):
                 raise MontessoriError(f"{self.base_url} (config key '{self.config_key}') returned no choices: {reply}")
             texts.extend((choice.get("message") or {}).get("content") or "" for choice in choices)
         return texts[:n]
+
+
+def vllm_enforce_eager() -> bool:
+    """True without a GPU (vLLM's CPU build): on 2 cores its torch.compile warm-up took about 3 minutes
+    for SmolLM2-135M and eager loading 20 s (issue 10's trial), more than compilation wins back there.
+    On a GPU, CUDA graphs pay for themselves, so vLLM keeps its default there."""
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def vllm_available() -> bool:

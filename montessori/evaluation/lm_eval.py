@@ -69,8 +69,11 @@ def _make_lm(backend: str, path: str, batch_size, settings: dict):
         args = {"pretrained": path, "dtype": "float32", "batch_size": batch_size,
                 "device": "cuda" if torch.cuda.is_available() else "cpu"}
     else:
+        from ..generation import vllm_enforce_eager
+
         args = {"pretrained": path, "batch_size": batch_size, "dtype": "auto",
-                "gpu_memory_utilization": float(settings.get("gpu_memory_utilization", 0.9))}
+                "gpu_memory_utilization": float(settings.get("gpu_memory_utilization", 0.9)),
+                "enforce_eager": vllm_enforce_eager()}
     return get_model(backend).create_from_arg_obj(args)
 
 
