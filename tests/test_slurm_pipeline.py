@@ -36,10 +36,13 @@ SLURM_RUN = {"compute": {"gpus": 1, "training_gpus": 1}, "methods": ["montessori
 RULE_KINDS = {
     "generation shard": {"synth_instructions", "synth_responses"},
     "influence shard": {"influence"},
-    "merge": {"merge_instructions", "merge_responses", "merge_influence"},
     "training": {"warmup", "dpo_teacher", "sft_student"},
     "evaluation": {"eval_alpaca_generate", "eval_alpaca_judge", "eval_mt_bench_generate", "eval_mt_bench_judge",
                    "eval_lm_eval"},
+}
+# Jobs of seconds are `localrules` (rules/common.smk): Snakemake runs them itself, never queued.
+LOCAL_KINDS = {
+    "merge": {"merge_instructions", "merge_responses", "merge_influence"},
     "report": {"report"},
 }
 RUN_TIMEOUT = 2400
@@ -85,11 +88,14 @@ def test_every_job_of_the_pipeline_runs_through_sbatch(slurm_run):
     assert (workdir / TINY_RESULTS / "report.md").exists()
     jobs = {job.jobid: job for job in planned_jobs(output)}
     submitted = dict(SUBMITTED.findall(output))          # Snakemake job id -> SLURM job id
-    # `all` only collects the report: Snakemake runs such a rule itself, without a job script.
-    assert set(submitted) == {jobid for jobid, job in jobs.items() if job.rule != "all"}
+    # `all` only collects the report, and the local rules take seconds: Snakemake runs them itself.
+    assert set(submitted) == {jobid for jobid, job in jobs.items() if job.rule != "all" and not job.local}
     submitted_rules = {jobs[jobid].rule for jobid in submitted}
     for kind, rules in RULE_KINDS.items():
         assert rules <= submitted_rules, f"{kind} rules {rules - submitted_rules} did not go through sbatch"
+    local_rules = {job.rule for job in jobs.values() if job.local}
+    for kind, rules in LOCAL_KINDS.items():
+        assert rules <= local_rules, f"{kind} rules {rules - local_rules} were not run by Snakemake itself"
 
     finished = cluster.finished_jobs()
     for jobid, slurm_id in submitted.items():
