@@ -188,6 +188,15 @@ def test_a_second_identical_run_has_nothing_to_do(finished_tiny_run):
     assert output_mtimes(workdir) == before
 
 
+def eval_jobs(config: dict, students: list[str]) -> list[tuple[str, dict]]:
+    """The evaluation jobs of `students`: one per rule, and one AlpacaEval judgement per reference."""
+    references = config["evaluation"]["alpaca_eval"]["reference"]
+    labels = [r.split(":", 1)[-1] for r in ([references] if isinstance(references, str) else references)]
+    jobs = [(rule, {"student": student}) for rule in EVAL_RULES if rule != "eval_alpaca_judge" for student in students]
+    return jobs + [("eval_alpaca_judge", {"student": student, "reference": label})
+                   for student in students for label in labels]
+
+
 def expected_after_student_swap(config: dict) -> set:
     """Everything downstream of the student: its warm-up and influence, the pairs and the teacher's
     DPO they feed, the DPO'd teacher's training set, every SFT, every evaluation, the report."""
@@ -200,7 +209,7 @@ def expected_after_student_swap(config: dict) -> set:
     jobs += [(rule, k | {"set": trained_set, "shard": str(s)})
              for rule in ("synth_instructions", "synth_responses") for s in range(config["synthesis"]["shards"])]
     jobs += [("sft_student", k | {"method": method}) for method in config["methods"]]
-    jobs += [(rule, {"student": student}) for rule in EVAL_RULES for student in STUDENTS]
+    jobs += eval_jobs(config, STUDENTS)
     return {(rule, tuple(sorted(wildcards.items()))) for rule, wildcards in jobs}
 
 
@@ -252,7 +261,7 @@ def test_changing_throughput_settings_plans_nothing(finished_tiny_run, tmp_path)
     assert "Nothing to be done" in dry.stdout, {job.key: job.reason for job in planned_jobs(dry.stdout)}
 
 
-def expected_after_pairs_change() -> set:
+def expected_after_pairs_change(config: dict) -> set:
     """pairs.min_margin: the pairs, the teacher's DPO on them, its training set, the montessori
     student and its evaluations, the report. Not the probes, the influence or the baseline."""
     k = {"k": "1"}
@@ -260,7 +269,7 @@ def expected_after_pairs_change() -> set:
     jobs = [("preference_pairs", k), ("dpo_teacher", k), ("merge_instructions", trained),
             ("merge_responses", trained), ("sft_student", k | {"method": "montessori"}), ("report", {}), ("all", {})]
     jobs += [(rule, trained | {"shard": str(s)}) for rule in ("synth_instructions", "synth_responses") for s in (0, 1)]
-    jobs += [(rule, {"student": "montessori-round1"}) for rule in EVAL_RULES]
+    jobs += eval_jobs(config, ["montessori-round1"])
     return {(rule, tuple(sorted(wildcards.items()))) for rule, wildcards in jobs}
 
 
@@ -268,7 +277,8 @@ def expected_after_pairs_change() -> set:
 def test_changing_a_result_setting_plans_exactly_its_dependents(finished_tiny_run, tmp_path):
     dry = dry_run_with(finished_tiny_run.workdir, tmp_path, {"pairs": {"min_margin": 0.5}})
     planned = {job.key: job.reason for job in planned_jobs(dry.stdout)}
-    assert set(planned) == expected_after_pairs_change(), planned
+    config = load_config(ROOT / "config.yaml", ROOT / "tests" / "configs" / "tiny.yaml")
+    assert set(planned) == expected_after_pairs_change(config), planned
     assert "params have changed" in planned[("preference_pairs", (("k", "1"),))].lower()
 
 

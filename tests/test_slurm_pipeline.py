@@ -32,7 +32,8 @@ from slurm_cluster import LOOPBACK_OVERRIDES, SUBMITTED, slurm_cluster  # noqa: 
 # shard per generation and influence step (a second shard is the same rule again; the shard
 # merges still run, over one shard).
 SLURM_RUN = {"compute": {"gpus": 1, "training_gpus": 1}, "methods": ["montessori"],
-             "synthesis": {"shards": 1}, "influence": {"shards": 1}}
+             "synthesis": {"shards": 1}, "influence": {"shards": 1},
+             "evaluation": {"alpaca_eval": {"reference": "dataset"}}}   # no Self-Instruct student to judge against
 RULE_KINDS = {
     "generation shard": {"synth_instructions", "synth_responses"},
     "influence shard": {"influence"},
