@@ -63,16 +63,22 @@ class Scratch:
         return self.buffers[key][:like.numel()].view(like.shape)
 
 
-def _new_moments(grad, exp_avg, exp_avg_sq, scratch: Scratch, step: int, betas, eps: float):
-    """(m', denom) of the step, in scratch buffers 0 and 1, by torch's operations in torch's order."""
+def _updated_moments(grad, exp_avg, exp_avg_sq, scratch: Scratch, betas):
+    """(m', v') of the step, in scratch buffers 0 and 1, by torch's operations in torch's order."""
     import torch
 
     beta1, beta2 = betas
     grad = grad.to(torch.float32)
     exp_avg_new = torch.lerp(exp_avg.to(torch.float32), grad, 1 - beta1, out=scratch.get(0, grad))
-    denom = torch.mul(exp_avg_sq.to(torch.float32), beta2, out=scratch.get(1, grad))
-    denom.addcmul_(grad, grad, value=1 - beta2)
-    denom.sqrt_().div_((1 - beta2 ** (step + 1)) ** 0.5).add_(eps)
+    exp_avg_sq_new = torch.mul(exp_avg_sq.to(torch.float32), beta2, out=scratch.get(1, grad))
+    exp_avg_sq_new.addcmul_(grad, grad, value=1 - beta2)
+    return exp_avg_new, exp_avg_sq_new
+
+
+def _new_moments(grad, exp_avg, exp_avg_sq, scratch: Scratch, step: int, betas, eps: float):
+    """(m', denom) of the step, in scratch buffers 0 and 1."""
+    exp_avg_new, denom = _updated_moments(grad, exp_avg, exp_avg_sq, scratch, betas)
+    denom.sqrt_().div_((1 - betas[1] ** (step + 1)) ** 0.5).add_(eps)
     return exp_avg_new, denom
 
 
@@ -104,10 +110,7 @@ def adamw_update_dot(vector, grad, exp_avg, exp_avg_sq, scratch: Scratch, *, ste
     import torch
 
     beta1, beta2 = betas
-    grad = grad.to(torch.float32)
-    exp_avg_new = torch.lerp(exp_avg.to(torch.float32), grad, 1 - beta1, out=scratch.get(0, grad))
-    denom = torch.mul(exp_avg_sq.to(torch.float32), beta2, out=scratch.get(1, grad))
-    denom.addcmul_(grad, grad, value=1 - beta2)
+    exp_avg_new, denom = _updated_moments(grad, exp_avg, exp_avg_sq, scratch, betas)
     correction2 = (1 - beta2 ** (step + 1)) ** 0.5
     denom.sqrt_().add_(correction2 * eps)
     direction = exp_avg_new.div_(denom)

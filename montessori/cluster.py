@@ -120,12 +120,10 @@ def gpu_job(site: Site, gpus: int, executor: Callable[[], str | None]) -> dict:
         raise ConfigError(f"a job's GPU count must be a whole number >= 0, got {gpus!r}")
     if gpus == 0:
         return cpu_job(site)
-    resources = {"gpu": gpus, "cpus_per_gpu": site.cpus_per_gpu, "nodes": 1,
-                 "slurm_partition": require_gpu_partition(site, executor)}
+    resources = cpu_job(site) | {"gpu": gpus, "cpus_per_gpu": site.cpus_per_gpu, "nodes": 1,
+                                 "slurm_partition": require_gpu_partition(site, executor)}
     if site.gpu_model:
         resources["gpu_model"] = site.gpu_model
-    if site.account:
-        resources["slurm_account"] = site.account
     return resources
 
 
