@@ -41,8 +41,12 @@ pipeline: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/snakemake --cores $(CORES)
 
 # The tests marked `vllm` run stages in .venv-vllm (subprocesses); `-m "not vllm"` leaves them out.
+# Two pytest-xdist workers: much of the suite waits on subprocesses (Snakemake DAG steps one job
+# wide, SLURM's queue, vLLM's start, pip's resolution), which one worker leaves a core idle for.
+# Whole groups per worker, the long ones first (tests/conftest.py); the 25 slowest tests listed.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25
 
 # Our SLURM site profile as `slurm` in Snakemake's user config folder (FORCE=1 replaces one).
 install-profile: $(VENV)/.installed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest-xdist workers on two cores: a second OpenMP thread per worker would
+# spin against the other worker (generation about 100x slower, tests/pipeline_helpers.py).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -66,11 +71,34 @@ def student(tmp_path, tiny_model_dir) -> Path:
 # uninterrupted reference of test_resume.py); a test that writes takes `tiny_run_copy`.
 
 
+def shared_tmp_root(tmp_path_factory) -> Path:
+    """A directory every pytest-xdist worker of this session sees (the parent of the workers' own
+    temporary roots); the session's temporary root without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def finished_tiny_run(tmp_path_factory):
-    from pipeline_helpers import make_workdir, run_tiny_pipeline
+    """Run once per session, whichever xdist worker needs it first; the others wait on the lock and
+    read the same run (a failed run is reported to each of them, not run again)."""
+    from filelock import FileLock
+    from pipeline_helpers import FinishedRun, make_workdir, run_tiny_pipeline
 
-    return run_tiny_pipeline(make_workdir(tmp_path_factory.mktemp("tiny-run")))
+    root = shared_tmp_root(tmp_path_factory)
+    workdir, finished, failed = root / "tiny-run", root / "tiny-run.finished", root / "tiny-run.failed"
+    with FileLock(root / "tiny-run.lock"):
+        if failed.exists():
+            pytest.fail(f"the session's tiny run failed in another worker:\n{failed.read_text()}", pytrace=False)
+        if not finished.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            try:
+                run_tiny_pipeline(make_workdir(workdir))
+            except BaseException as err:
+                failed.write_text(f"{type(err).__name__}: {err}")
+                raise
+            finished.touch()
+    return FinishedRun(workdir)
 
 
 @pytest.fixture()
@@ -96,6 +124,27 @@ def slurm_unavailable_reason() -> str | None:
     return None
 
 
+# ---- pytest-xdist (`make test`: -n 2 --dist loadgroup --no-loadscope-reorder) ----------------
+# A worker takes whole groups: a test module's tests stay together (its module fixtures run once),
+# every SLURM test in one group (one cluster per machine). The groups that take minutes go first,
+# so that the two workers finish together instead of one waiting on the last long group.
+SLURM_GROUP = "slurm"
+LONG_GROUPS = (SLURM_GROUP, "test_pipeline", "test_resume", "test_rounds", "test_vllm",
+               "test_training_distributed", "test_vllm_env")
+
+
+def xdist_group(item) -> str:
+    if item.get_closest_marker("slurm") is not None:
+        return SLURM_GROUP
+    return item.module.__name__
+
+
+def long_groups_first(items) -> None:
+    rank = {group: index for index, group in enumerate(LONG_GROUPS)}
+    position = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(xdist_group(item), len(rank)), position[id(item)]))
+
+
 def pytest_collection_modifyitems(config, items):
     reason = slurm_unavailable_reason()
     for item in items:
@@ -106,6 +155,8 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.slurm_required(reason))
             else:
                 item.add_marker(pytest.mark.skip(reason=f"real SLURM {reason}; CI=true makes it required"))
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    long_groups_first(items)
 
 
 def pytest_runtest_setup(item):
