@@ -12,6 +12,7 @@ from pipeline_helpers import (
     LOCAL_CORES,
     ROOT,
     TINY,
+    TINY_CONFIG,
     TINY_RESULTS,
     job_stats,
     make_workdir,
