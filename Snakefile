@@ -20,6 +20,7 @@ include: "rules/synthesis.smk"
 include: "rules/influence.smk"
 include: "rules/training.smk"
 include: "rules/evaluation.smk"
+include: "rules/methods.smk"
 include: "rules/report.smk"
 
 

@@ -32,6 +32,7 @@ STAGES = {
     "warmup": "montessori.training:warmup",
     "influence": "montessori.influence:score_shard",
     "merge_influence": "montessori.influence:merge_influence",
+    "judge_probes": "montessori.probe_judge:judge_probes",
     "preference_pairs": "montessori.pairs:build_pairs",
     "dpo_teacher": "montessori.training:train_dpo",
     "sft_student": "montessori.training:train_sft",

@@ -9,6 +9,7 @@ import yaml
 
 from .errors import ConfigError
 from .evaluation.judges import judge_type
+from .pairs import check_signal_rule
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -83,8 +84,12 @@ def _check_consistency(config: dict, source: str) -> None:
     for reference in [references] if isinstance(references, str) else references:
         if reference.startswith("method:") and reference.split(":", 1)[1] not in config["methods"]:
             fail("evaluation.alpaca_eval.reference", f"'{reference}' names a method that is not in 'methods'")
+    names = [student["name"] for student in config["transfer_students"]]
+    if len(set(names)) < len(names):
+        fail("transfer_students", f"names must differ, got {names}")
     try:
         judge_type(config["evaluation"]["judge"])  # an api judge names its endpoint and model
+        check_signal_rule(config["pairs"]["signal"], config["pairs"]["rule"])
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

@@ -82,18 +82,48 @@ def alpaca_text(row: dict, where: str) -> str:
     return f"{instruction.strip()} {extra.strip()}" if extra.strip() else instruction.strip()
 
 
+ALPACA_FIELDS = {"instruction": "instruction", "input": "input"}
+
+
+def selected_rows(rows: list[tuple[str, dict]], match: dict, source: str) -> list[tuple[str, dict]]:
+    """The rows whose fields equal `match` (config `seed_pool.where`); a field no row has is an error."""
+    for field in match:
+        if rows and not any(isinstance(row, dict) and field in row for _, row in rows):
+            raise ConfigError(f"config key 'seed_pool.where': no row of {source} has a field {field!r}")
+    return [(where, row) for where, row in rows
+            if isinstance(row, dict) and all(row.get(field) == value for field, value in match.items())]
+
+
+def seed_text(row: dict, where: str, fields: dict) -> str:
+    """alpaca_text of the row's fields named by config `seed_pool.fields`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with an '{fields['instruction']}'")
+    column = fields["instruction"]
+    if column not in row:
+        raise DataError(f"{where}: missing or empty '{column}' (config key 'seed_pool.fields.instruction')")
+    mapped = {"instruction": row[column]}
+    if fields.get("input"):
+        mapped["input"] = row.get(fields["input"])
+    return alpaca_text(mapped, where)
+
+
 def build_seed_pool(settings: dict, out: str, reference: str | None = None) -> None:
     """Stage `seed_pool`: settings = config `seed_pool` section + `seed`.
 
+    `fields` names the source's instruction and input fields (Alpaca's by default), `where` keeps
+    only the rows whose fields have the given values (OpenAssistant/oasst1 is a message tree: its
+    seeds are the first user turns, `role: prompter`, `parent_id: null`).
     `reference` (the reference set): its instructions are left out, so that the teacher never sees
     as an example a prompt the student's influence is measured on (kind `clean` holds them out of
     this very dataset).
     """
     source = settings["source"]
-    rows = load_rows(source, settings.get("split", "train"))
-    texts = [alpaca_text(row, where) for where, row in rows]
+    fields = {**ALPACA_FIELDS, **(settings.get("fields") or {})}
+    match = settings.get("where") or {}
+    rows = selected_rows(load_rows(source, settings.get("split", "train")), match, source)
+    texts = [seed_text(row, where, fields) for where, row in rows]
     if not texts:
-        raise DataError(f"{source}: the seed pool is empty (config key 'seed_pool.source')")
+        raise DataError(f"{source}: the seed pool is empty (config keys 'seed_pool.source', 'seed_pool.where')")
     unique = list(dict.fromkeys(texts))
     if len(unique) < len(texts):
         log.info("dropped %d exact duplicate seeds", len(texts) - len(unique))

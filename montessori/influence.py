@@ -6,6 +6,8 @@ For each probing pair, from the warm-up state (weights + AdamW moments + step + 
     influence   = L_ref(theta') - loss_before          (negative = the pair helps)
 and, because every step carries the same warm-up momentum, also against the step with a zero
 gradient for the pair (momentum only): influence_vs_momentum = L_ref(theta') - L_ref(theta_mom).
+Each record also keeps `probe_loss`, the pair's own response-token loss at the warm-up weights
+(the loss the step's gradient comes from): the `loss` utility signal of `pairs.signal`.
 
 L_ref (`influence.loss_aggregation`) is the response-token cross-entropy over the reference set,
 either `pooled` (sum over all tokens / number of tokens) or `batch_mean` (the original's: the mean
@@ -245,9 +247,10 @@ class WarmStart:
         del hyper["weight_decay"]
         return adamw_update_dot(ref, grad, *self._moments(name), self.scratch, **hyper) + self.decay_dot[name]
 
-    def step_on_pair(self, batch: dict, apply: bool, first_order: bool) -> float | None:
+    def step_on_pair(self, batch: dict, apply: bool, first_order: bool) -> tuple[float, float | None]:
         """Backward on the pair; each parameter's AdamW update is applied (and/or dotted with the
-        reference gradient) as soon as its gradient is complete, so no full gradient is held."""
+        reference gradient) as soon as its gradient is complete, so no full gradient is held.
+        Returns (the pair's loss before the step, the first-order dot or None)."""
         dot = 0.0
 
         def update(name, param):
@@ -259,8 +262,9 @@ class WarmStart:
 
         with _on_each_grad(self.params, update):
             total, count = response_nll(self.model, batch)
-            (total / count).backward()
-        return dot if first_order else None
+            probe_loss = total / count
+            probe_loss.backward()
+        return float(probe_loss.detach()), (dot if first_order else None)
 
     def momentum_only(self) -> tuple[float, float | None]:
         """Reference loss after a step with a zero gradient (exact), and its first-order estimate."""
@@ -278,9 +282,10 @@ class WarmStart:
         return loss, first_order
 
     def score(self, batch: dict, exact: bool, first_order: bool) -> dict:
-        """{"loss_after"} and/or {"first_order"}: the weights are back at the warm-up state after."""
-        result = {}
-        dot = self.step_on_pair(batch, apply=exact, first_order=first_order)
+        """{"probe_loss"}, and {"loss_after"} and/or {"first_order"}: the weights are back at the
+        warm-up state after."""
+        probe_loss, dot = self.step_on_pair(batch, apply=exact, first_order=first_order)
+        result = {"probe_loss": probe_loss}
         if first_order:
             result["first_order"] = dot
         if exact:
@@ -368,9 +373,9 @@ class ShardJob:
         return model
 
 
-def _exact_fields(loss_before: float, momentum_loss: float, loss_after: float) -> dict:
+def _exact_fields(loss_before: float, momentum_loss: float, loss_after: float, probe_loss: float) -> dict:
     return {"loss_before": loss_before, "loss_after": loss_after, "influence": loss_after - loss_before,
-            "influence_vs_momentum": loss_after - momentum_loss}
+            "influence_vs_momentum": loss_after - momentum_loss, "probe_loss": probe_loss}
 
 
 class _InMemoryScorer:
@@ -401,7 +406,7 @@ class ExactScorer(_InMemoryScorer):
     def score(self, index: int, example: dict) -> dict:
         check = index < self.job.spearman_check
         result = self.engine.score(self.job.pair(example), exact=True, first_order=check)
-        record = _exact_fields(self.loss_before, self.momentum_loss, result["loss_after"])
+        record = _exact_fields(self.loss_before, self.momentum_loss, result["loss_after"], result["probe_loss"])
         if check:
             record.update(influence_exact=record["influence"], influence_first_order=result["first_order"])
         if index + 1 >= self.job.spearman_check:
@@ -418,7 +423,7 @@ class FirstOrderScorer(_InMemoryScorer):
         result = self.engine.score(self.job.pair(example), exact=check, first_order=True)
         estimate = result["first_order"]
         record = {"loss_before": self.loss_before, "loss_after": self.loss_before + estimate, "influence": estimate,
-                  "influence_vs_momentum": estimate - self.momentum_first_order}
+                  "influence_vs_momentum": estimate - self.momentum_first_order, "probe_loss": result["probe_loss"]}
         if check:
             record.update(influence_exact=result["loss_after"] - self.loss_before, influence_first_order=estimate)
         return record
@@ -437,22 +442,24 @@ class OriginalScorer:
                                     sort_by_length=False)
         self.reference_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in self.batches)
         self.loss_before = original_reference_loss(job.load_model(), self.batches, job.aggregation)
-        self.momentum_loss = self._step_and_eval(None)
+        self.momentum_loss, _ = self._step_and_eval(None)
 
-    def _step_and_eval(self, pair: dict | None) -> float:
-        model = original_step(self.job.load_model(), self.job.checkpoint, pair)
-        return original_reference_loss(model, self.batches, self.job.aggregation)
+    def _step_and_eval(self, pair: dict | None) -> tuple[float, float | None]:
+        """(reference loss after the step, the pair's loss before it)."""
+        model, probe_loss = original_step(self.job.load_model(), self.job.checkpoint, pair)
+        return original_reference_loss(model, self.batches, self.job.aggregation), probe_loss
 
     def score(self, index: int, example: dict) -> dict:
-        loss_after = self._step_and_eval(self.job.pair(example, pad_to=self.job.max_length))
-        return _exact_fields(self.loss_before, self.momentum_loss, loss_after)
+        loss_after, probe_loss = self._step_and_eval(self.job.pair(example, pad_to=self.job.max_length))
+        return _exact_fields(self.loss_before, self.momentum_loss, loss_after, probe_loss)
 
 
 SCORERS = {"exact": ExactScorer, "first_order": FirstOrderScorer, "reference": OriginalScorer}
 
 
 def original_step(model, checkpoint: str, batch: dict | None):
-    """One torch AdamW step from the saved state, on `batch` (or with a zero gradient when None)."""
+    """One torch AdamW step from the saved state, on `batch` (or with a zero gradient when None):
+    (the stepped model, the batch's loss before the step or None)."""
     import torch
 
     saved = AdamWStateFile(checkpoint)
@@ -468,14 +475,17 @@ def original_step(model, checkpoint: str, batch: dict | None):
     for name, param in named:
         exp_avg, exp_avg_sq = saved.moments(name, param.device, param.dtype)
         optimizer.state[param] = {"step": torch.tensor(float(saved.step)), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    probe_loss = None
     if batch is None:
         for _, param in named:
             param.grad = torch.zeros_like(param)
     else:
         total, count = response_nll(model, batch)
-        (total / count).backward()
+        loss = total / count
+        loss.backward()
+        probe_loss = float(loss.detach())
     optimizer.step()
-    return model
+    return model, probe_loss
 
 
 def original_reference_loss(model, batches: list[dict], aggregation: str) -> float:

@@ -98,6 +98,15 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
     "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
     "TinyLlama/TinyLlama_v1.1": ModelShape(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                            num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    # The transfer students of presets/transfer.yaml (their config.json; Qwen1.5's q/k/v biases and
+    # Gemma-2's two extra norms per layer are left out: well under 0.1% of their parameters).
+    "mistralai/Mistral-7B-v0.1": ModelShape(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "Qwen/Qwen1.5-7B": ModelShape(vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=32),
+    "google/gemma-2-9b": ModelShape(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                    num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True,
+                                    head_dim=256),
     "smollm2-135m-instruct": ModelShape(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                         tie_word_embeddings=True),
@@ -166,11 +175,15 @@ def job_memory_mb(kind: str, shape: ModelShape, processes: int = 1, checkpoints:
     return _whole_gb_in_mb(state + processes * PROCESS_OVERHEAD_MB * MB)
 
 
-def rule_memory_mb(kind: str, config: dict) -> int:
+def rule_memory_mb(kind: str, config: dict, student: str | None = None, student_key: str | None = None) -> int:
     """job_memory_mb for a rule of the pipeline, from its validated config: the student for
-    warm-up, influence and SFT, the teacher for DPO; training jobs run one process per GPU."""
+    warm-up, influence and SFT, the teacher for DPO; training jobs run one process per GPU.
+    `student` (named by the config key `student_key`) replaces models.student: a transfer student."""
     role = "teacher" if kind == "dpo" else "student"
-    shape = model_shape(config["models"][role], f"models.{role}")
+    if student is not None and role == "student":
+        shape = model_shape(student, student_key)
+    else:
+        shape = model_shape(config["models"][role], f"models.{role}")
     training_gpus = (config["dpo"]["gpus"] or config["compute"]["training_gpus"]) if kind == "dpo" \
         else config["compute"]["training_gpus"]
     processes = max(1, training_gpus) if kind != "influence" else 1

@@ -1,8 +1,8 @@
-"""Preference pairs for teacher DPO from the students' local data influence.
+"""Preference pairs for teacher DPO from a utility signal of each probe (config `pairs.signal`).
 
-Siblings are the `n` candidates the teacher wrote from one prompt (one `group`). A candidate
-with negative influence lowered the student's reference loss (helpful): it is *chosen* against
-a harmful sibling. Rules (config `pairs.rule`):
+Siblings are the `n` candidates the teacher wrote from one prompt (one `group`). With the
+paper's signal, `influence`, a candidate with negative influence lowered the student's reference
+loss (helpful): it is *chosen* against a harmful sibling. Rules (config `pairs.rule`):
 
 - `sign` (the paper): every sibling with influence < 0 against every sibling with influence > 0;
 - `momentum`: the same on `influence_vs_momentum`, the loss change against the step the warm-up
@@ -10,6 +10,13 @@ a harmful sibling. Rules (config `pairs.rule`):
   term, so under `sign` nearly every candidate can come out helpful and nothing is rejected;
 - `rank`: the best sibling against the worst, when their influences differ by at least
   `pairs.min_margin` (and differ at all).
+
+The ablation signals (docs/methods.md) have no zero that separates helpful from harmful, so
+only `rank` applies to them:
+- `loss`: the warm-up student's response-token loss on the probe before the step (`probe_loss`
+  of the influence records); lower is better;
+- `judge`: an LLM judge's 1-10 rating of the probe (`judge_score` of the probe judging stage);
+  higher is better. A probe the judge gave no rating (null) takes part in no pair.
 
 chosen/rejected are the teacher's raw outputs and the prompt is the exact chat-formatted
 generation prompt, so DPO trains on the very text the teacher generated from.
@@ -20,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, DataError
@@ -27,25 +35,60 @@ from .io import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
-RULE_SCORES = {"sign": "influence", "momentum": "influence_vs_momentum", "rank": "influence"}
+RULES = ("sign", "momentum", "rank")
 
 
-def _join(influence_path: Path, responses_path: Path, score_key: str) -> dict[str, list[dict]]:
-    """Candidates by group, in probing-file order, each with its teacher output and score."""
-    scores: dict[str, float] = {}
-    for number, record in enumerate(read_jsonl(influence_path), start=1):
+@dataclass(frozen=True)
+class Signal:
+    """Where a signal's scores are (the record key each rule reads) and which way is better."""
+
+    score_keys: dict[str, str]
+    higher_is_better: bool
+    may_be_missing: bool = False
+
+
+SIGNALS = {
+    "influence": Signal({"sign": "influence", "momentum": "influence_vs_momentum", "rank": "influence"},
+                        higher_is_better=False),
+    "loss": Signal({"rank": "probe_loss"}, higher_is_better=False),
+    "judge": Signal({"rank": "judge_score"}, higher_is_better=True, may_be_missing=True),
+}
+
+
+def check_signal_rule(signal: str, rule: str) -> Signal:
+    """The signal's description; a ConfigError naming the key for an unknown value or a rule that
+    does not apply to the signal (sign and momentum split at zero influence)."""
+    if signal not in SIGNALS:
+        raise ConfigError(f"config key 'pairs.signal': unknown signal {signal!r} (expected one of {sorted(SIGNALS)})")
+    if rule not in RULES:
+        raise ConfigError(f"config key 'pairs.rule': unknown rule {rule!r} (expected one of {sorted(RULES)})")
+    if rule not in SIGNALS[signal].score_keys:
+        raise ConfigError(
+            f"config key 'pairs.rule': rule {rule!r} does not apply to pairs.signal {signal!r}: sign and momentum "
+            f"split siblings at zero influence (below 0 helpful, above 0 harmful), and a {signal} score has no "
+            f"such zero; set pairs.rule: rank (best sibling against worst)")
+    return SIGNALS[signal]
+
+
+def _join(scores_path: Path, responses_path: Path, score_key: str,
+          may_be_missing: bool) -> tuple[dict[str, list[dict]], int]:
+    """(candidates by group, in probing-file order, each with its teacher output and score; the
+    number left out because their score may be missing and is: null)."""
+    scores: dict[str, float | None] = {}
+    for number, record in enumerate(read_jsonl(scores_path), start=1):
         for key in ("id", score_key):
             if key not in record:
-                raise DataError(f"{influence_path}: record {number} has no '{key}'")
+                raise DataError(f"{scores_path}: record {number} has no '{key}'")
         score = record[score_key]
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise DataError(f"{influence_path}: record {number} (id {record['id']!r}) has {score_key}={score!r}")
+        if not (score is None and may_be_missing) and (not isinstance(score, (int, float)) or not math.isfinite(score)):
+            raise DataError(f"{scores_path}: record {number} (id {record['id']!r}) has {score_key}={score!r}")
         if record["id"] in scores:
-            raise DataError(f"{influence_path}: id {record['id']!r} appears twice")
-        scores[record["id"]] = float(score)
+            raise DataError(f"{scores_path}: id {record['id']!r} appears twice")
+        scores[record["id"]] = None if score is None else float(score)
 
     groups: dict[str, list[dict]] = defaultdict(list)
     unscored = []
+    missing = 0
     for number, record in enumerate(read_jsonl(responses_path), start=1):
         for key in ("id", "group", "prompt", "raw_output"):
             if key not in record:
@@ -53,19 +96,25 @@ def _join(influence_path: Path, responses_path: Path, score_key: str) -> dict[st
         if record["id"] not in scores:
             unscored.append(record["id"])
             continue
-        groups[record["group"]].append({**record, "score": scores.pop(record["id"])})
+        score = scores.pop(record["id"])
+        if score is None:
+            missing += 1
+        else:
+            groups[record["group"]].append({**record, "score": score})
     if unscored:
         raise DataError(f"{len(unscored)} probing records in {responses_path} have no score in "
-                        f"{influence_path}, e.g. {unscored[:5]}; rerun the influence merge")
+                        f"{scores_path}, e.g. {unscored[:5]}; rerun the job that wrote it")
     if scores:
-        raise DataError(f"{len(scores)} ids in {influence_path} are not in {responses_path}, "
+        raise DataError(f"{len(scores)} ids in {scores_path} are not in {responses_path}, "
                         f"e.g. {sorted(scores)[:5]}")
     for group, members in groups.items():
         prompts = {member["prompt"] for member in members}
         if len(prompts) != 1:
             raise DataError(f"{responses_path}: the siblings of group {group!r} have {len(prompts)} different "
                             f"prompts; a group must come from one teacher prompt")
-    return groups
+    if missing:
+        log.warning("%d probes have no %s (null) and take part in no pair", missing, score_key)
+    return groups, missing
 
 
 def _pair(group: str, chosen: dict, rejected: dict) -> dict:
@@ -82,7 +131,8 @@ def _pair(group: str, chosen: dict, rejected: dict) -> dict:
     }
 
 
-def pairs_for_group(group: str, members: list[dict], rule: str, min_margin: float = 0.0) -> list[dict]:
+def pairs_for_group(group: str, members: list[dict], rule: str, min_margin: float = 0.0,
+                    higher_is_better: bool = False) -> list[dict]:
     """Preference pairs among one group's candidates (each with `id`, `prompt`, `raw_output`, `score`)."""
     if rule in ("sign", "momentum"):
         helpful = [m for m in members if m["score"] < 0]
@@ -92,17 +142,18 @@ def pairs_for_group(group: str, members: list[dict], rule: str, min_margin: floa
         if len(members) < 2:
             return []
         # min/max keep the first of equal scores: a deterministic choice in file order.
-        best = min(members, key=lambda m: m["score"])
-        worst = max(members, key=lambda m: m["score"])
-        spread = worst["score"] - best["score"]
+        low = min(members, key=lambda m: m["score"])
+        high = max(members, key=lambda m: m["score"])
+        best, worst = (high, low) if higher_is_better else (low, high)
+        spread = high["score"] - low["score"]
         return [_pair(group, best, worst)] if spread > 0 and spread >= min_margin else []
-    raise ConfigError(f"config key 'pairs.rule': unknown rule {rule!r} (expected one of {sorted(RULE_SCORES)})")
+    raise ConfigError(f"config key 'pairs.rule': unknown rule {rule!r} (expected one of {sorted(RULES)})")
 
 
-def _no_pairs_message(rule: str, min_margin: float, groups: dict[str, list[dict]], influence: Path) -> str:
+def _no_pairs_message(rule: str, score_key: str, min_margin: float, groups: dict[str, list[dict]],
+                      scores_path: Path) -> str:
     scores = [m["score"] for members in groups.values() for m in members]
-    score_key = RULE_SCORES[rule]
-    where = f"pairs.rule: {rule} found no preference pairs in {len(groups)} groups of {influence}"
+    where = f"pairs.rule: {rule} found no preference pairs in {len(groups)} groups of {scores_path}"
     if rule in ("sign", "momentum"):
         negative = sum(s < 0 for s in scores)
         positive = sum(s > 0 for s in scores)
@@ -117,40 +168,45 @@ def _no_pairs_message(rule: str, min_margin: float, groups: dict[str, list[dict]
             f"or probe more candidates per group (synthesis.n)")
 
 
-def build_pairs(settings: dict, influence: str, responses: str, out: str, summary: str) -> None:
-    """Stage `preference_pairs`: settings = config `pairs` {rule, min_margin}."""
-    rule = settings.get("rule", "momentum")
-    if rule not in RULE_SCORES:
-        raise ConfigError(f"config key 'pairs.rule': unknown rule {rule!r} (expected one of {sorted(RULE_SCORES)})")
+def build_pairs(settings: dict, scores: str, responses: str, out: str, summary: str) -> None:
+    """Stage `preference_pairs`: settings = config `pairs` {signal, rule, min_margin}; `scores` is
+    the merged influence table (signals influence and loss) or the probe judge's (signal judge)."""
+    signal_name, rule = settings.get("signal", "influence"), settings.get("rule", "momentum")
+    signal = check_signal_rule(signal_name, rule)
+    score_key = signal.score_keys[rule]
     min_margin = float(settings.get("min_margin", 0.0))
     if min_margin < 0:
         raise ConfigError(f"config key 'pairs.min_margin' must be >= 0, got {min_margin}")
-    influence_path, responses_path = Path(influence), Path(responses)
-    groups = _join(influence_path, responses_path, RULE_SCORES[rule])
+    scores_path, responses_path = Path(scores), Path(responses)
+    groups, missing = _join(scores_path, responses_path, score_key, signal.may_be_missing)
     if not groups:
-        raise DataError(f"{responses_path}: no probing records to build pairs from")
+        raise DataError(f"{responses_path}: no scored probing records to build pairs from")
 
     pairs: list[dict] = []
     groups_with_pairs = 0
     for group, members in groups.items():
-        found = pairs_for_group(group, members, rule, min_margin)
+        found = pairs_for_group(group, members, rule, min_margin, signal.higher_is_better)
         groups_with_pairs += bool(found)
         pairs.extend(found)
     if not pairs:
-        raise DataError(_no_pairs_message(rule, min_margin, groups, influence_path))
+        raise DataError(_no_pairs_message(rule, score_key, min_margin, groups, scores_path))
 
-    scores = [m["score"] for members in groups.values() for m in members]
+    values = [m["score"] for members in groups.values() for m in members]
     stats = {
+        "signal": signal_name,
         "rule": rule,
-        "score": RULE_SCORES[rule],
+        "score": score_key,
+        "higher_is_better": signal.higher_is_better,
         "min_margin": min_margin,
-        "candidates": len(scores),
-        "candidates_negative": sum(s < 0 for s in scores),
-        "candidates_positive": sum(s > 0 for s in scores),
+        "candidates": len(values),
+        "candidates_without_score": missing,
+        "candidates_negative": sum(s < 0 for s in values),
+        "candidates_positive": sum(s > 0 for s in values),
         "groups": len(groups),
         "groups_with_pairs": groups_with_pairs,
         "pairs": len(pairs),
     }
     write_jsonl_atomic(out, pairs)
     write_json_atomic(summary, stats)
-    log.info("pairs: rule %s gave %d pairs from %d of %d groups", rule, len(pairs), groups_with_pairs, len(groups))
+    log.info("pairs: signal %s, rule %s gave %d pairs from %d of %d groups", signal_name, rule, len(pairs),
+             groups_with_pairs, len(groups))

@@ -25,7 +25,7 @@ THROUGHPUT_KEYS: dict[str, tuple[str, ...]] = {
 # Stages whose model generates through montessori.generation: the generator's batch and vLLM's
 # memory share come from the synthesis section.
 GENERATING_STAGES = ("synth_instructions", "synth_responses", "eval_alpaca_generate", "eval_alpaca_judge",
-                     "eval_mt_bench_generate", "eval_mt_bench_judge")
+                     "eval_mt_bench_generate", "eval_mt_bench_judge", "judge_probes")
 
 
 def _section(config: dict, dotted: str) -> dict:

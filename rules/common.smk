@@ -76,11 +76,17 @@ def kept(path: str, kind: str):
     return path if KEEP[kind] else temp(path)
 
 
+# pairs.signal judge rates the probes instead: no warm-up, no influence (rules/methods.smk).
+PAIRS_FROM_INFLUENCE = config["pairs"]["signal"] != "judge"
+
+
 def storage_cleanup() -> list[str]:
     """Sentinels of the cleanup jobs `all` asks for: the warm-up checkpoint directory is not a
     declared output (Snakemake would wipe it before a rerun, losing the checkpoints a resume needs),
     so a job removes it once the round's influence is merged."""
-    return [] if KEEP["warmup"] else [f"{R}/round{k}/warmup.removed" for k in ROUNDS]
+    if KEEP["warmup"] or not PAIRS_FROM_INFLUENCE:
+        return []
+    return [f"{R}/round{k}/warmup.removed" for k in ROUNDS]
 
 
 # Jobs of seconds: run by Snakemake itself, never waiting in a cluster queue.
@@ -216,12 +222,35 @@ def synthesis_settings(wildcards, stage: str) -> str:
 
 
 # ---- evaluation: every student, including the untrained one --------------------------------
+# Transfer students (config transfer_students, rules/methods.smk): transfer-<name>-<method>.
+TRANSFER = {student["name"]: student for student in config["transfer_students"]}
+
+
 def evaluated_students() -> list[str]:
-    return ["base"] + [f"{method}-round{k}" for k in ROUNDS for method in METHODS]
+    return (["base"] + [f"{method}-round{k}" for k in ROUNDS for method in METHODS]
+            + [f"transfer-{name}-{method}" for name in TRANSFER for method in METHODS])
+
+
+def transfer_student(name: str) -> tuple[str, str] | None:
+    """(transfer student, method) of a student name transfer-<name>-<method>, else None."""
+    if not name.startswith("transfer-"):
+        return None
+    student, method = name[len("transfer-"):].rsplit("-", 1)
+    return student, method
 
 
 def evaluated_student_card(name: str) -> str:
     if name == "base":
         return base_card("student")
+    if transfer_student(name):
+        student, method = transfer_student(name)
+        return f"{R}/transfer/{student}/{method}/student.done"
     method, k = name.rsplit("-round", 1)
     return f"{R}/round{k}/{method}/student.done"
+
+
+def student_chat_template(name: str) -> str | None:
+    """The chat template a student is prompted with: a transfer student's own setting."""
+    if transfer_student(name):
+        return TRANSFER[transfer_student(name)[0]]["chat_template"]
+    return config["models"]["chat_template"]

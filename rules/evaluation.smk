@@ -1,6 +1,6 @@
 # Every student (the untrained one, and each method's student of each round) is evaluated the
 # same way: AlpacaEval-style pairwise judging, MT-Bench single-answer grading, lm-eval-harness.
-# <student> = base | <method>-round<k>.
+# <student> = base | <method>-round<k> | transfer-<name>-<method> (config transfer_students).
 
 EVAL = f"{R}/eval/{{student}}"
 JUDGE_LOADS_A_MODEL = judge_loads_a_model(config["evaluation"]["judge"])
@@ -9,10 +9,10 @@ JUDGE_LOADS_A_MODEL = judge_loads_a_model(config["evaluation"]["judge"])
 def eval_settings(judging: bool = False, **sections):
     """Settings of an evaluation stage; a judge keeps its own chat template, never the student's.
     Generation batch and vLLM memory share come through --runtime (RUNTIME in common.smk)."""
-    return settings(
+    return lambda wildcards: settings_json(
         seed=config["seed"],
         backend=config["backend"],
-        chat_template=None if judging else config["models"]["chat_template"],
+        chat_template=None if judging else student_chat_template(wildcards.student),
         **sections,
     )
 
@@ -33,6 +33,9 @@ def alpaca_reference(wildcards) -> str:
     if reference == "dataset":
         return []
     method = reference.split(":", 1)[1]
+    if transfer_student(wildcards.student):
+        # a transfer student against itself trained on the other method's data
+        return f"{R}/eval/transfer-{transfer_student(wildcards.student)[0]}-{method}/alpaca_eval/outputs.json"
     round_k = wildcards.student.rsplit("-round", 1)[1] if "-round" in wildcards.student else "1"
     return f"{R}/eval/{method}-round{round_k}/alpaca_eval/outputs.json"
 

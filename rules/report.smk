@@ -8,7 +8,8 @@ def report_inputs(kind: str) -> list[str]:
                    for label in alpaca_references()],
         "mt_bench": [f"{R}/eval/{s}/mt_bench/scores.json" for s in students],
         "lm_eval": [f"{R}/eval/{s}/lm_eval/results.json" for s in students],
-        "influence": [f"{R}/round{k}/influence/histogram.png" for k in ROUNDS] if "montessori" in METHODS else [],
+        "influence": [f"{R}/round{k}/influence/histogram.png" for k in ROUNDS]
+                     if "montessori" in METHODS and PAIRS_FROM_INFLUENCE else [],
         "dpo_loss": [f"{R}/round{k}/teacher_loss.json" for k in ROUNDS] if "montessori" in METHODS else [],
         "sft_loss": [f"{R}/round{k}/{m}/student_loss.json" for k in ROUNDS for m in METHODS],
     }

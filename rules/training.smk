@@ -1,9 +1,16 @@
 # Preference pairs, teacher DPO and student SFT. Round k+1 starts from round k's models.
 
 
+def pair_scores(wildcards) -> str:
+    """What pairs.signal reads: the merged influence (influence, loss) or the probe judge's ratings."""
+    if PAIRS_FROM_INFLUENCE:
+        return f"{R}/round{wildcards.k}/influence/influence.jsonl"
+    return f"{R}/round{wildcards.k}/probe_judge/scores.jsonl"
+
+
 rule preference_pairs:
     input:
-        influence=f"{R}/round{{k}}/influence/influence.jsonl",
+        scores=pair_scores,
         probing=f"{R}/round{{k}}/probes/probing.jsonl",
     output:
         pairs=f"{R}/round{{k}}/pairs.jsonl",
@@ -23,7 +30,7 @@ rule preference_pairs:
         "../envs/base.yaml"
     shell:
         montessori("preference_pairs")
-        + " --influence {input.influence} --responses {input.probing} --out {output.pairs}"
+        + " --scores {input.scores} --responses {input.probing} --out {output.pairs}"
         + " --summary {output.summary} > {log} 2>&1"
 
 

@@ -52,6 +52,13 @@ def test_defaults_fill_missing_sections():
         ({"evaluation": {"alpaca_eval": {"reference": []}}}, "'evaluation.alpaca_eval.reference'"),
         ({"influence": {"reference": {"kind": "paper"}}}, "'influence.reference.allow_eval_contamination'"),
         ({"influence": {"reference": {"kind": "original"}}}, "'influence.reference.kind'"),
+        ({"pairs": {"signal": "vibes"}}, "'pairs.signal'"),
+        ({"pairs": {"signal": "judge", "rule": "sign"}}, "'pairs.rule'"),
+        ({"pairs": {"signal": "loss", "rule": "momentum"}}, "'pairs.rule'"),
+        ({"seed_pool": {"fields": {"output": "text"}}}, "'seed_pool.fields.output'"),
+        ({"transfer_students": [{"name": "a", "model": "x"}, {"name": "a", "model": "y"}]}, "'transfer_students'"),
+        ({"transfer_students": [{"name": "has-dash", "model": "x"}]}, "'transfer_students.0.name'"),
+        ({"transfer_students": [{"name": "nomodel"}]}, "'transfer_students.0'"),
     ],
 )
 def test_bad_values_name_the_key(shipped, override, key):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from montessori.data import build_reference_set, build_seed_pool, load_pairs
-from montessori.errors import DataError
+from montessori.errors import ConfigError, DataError
 from montessori.io import read_jsonl
 
 
@@ -52,6 +52,47 @@ def test_seed_errors_name_file_and_line(tmp_path, rows, message):
     with pytest.raises(DataError, match=message):
         build_seed_pool({"source": source, "seed": 0}, str(tmp_path / "pool.jsonl"))
     assert not (tmp_path / "pool.jsonl").exists()
+
+
+# OpenAssistant/oasst1's schema (one row per message of a conversation tree), made-up rows.
+OASST_ROWS = [
+    {"message_id": "m1", "parent_id": None, "role": "prompter", "lang": "en", "text": "How do tides work?"},
+    {"message_id": "m2", "parent_id": "m1", "role": "assistant", "lang": "en", "text": "The moon pulls..."},
+    {"message_id": "m3", "parent_id": "m2", "role": "prompter", "lang": "en", "text": "And the sun?"},
+    {"message_id": "m4", "parent_id": None, "role": "prompter", "lang": "de", "text": "Wie spät ist es?"},
+    {"message_id": "m5", "parent_id": None, "role": "prompter", "lang": "en", "text": "Write a haiku about rain."},
+]
+OASST_SETTINGS = {"fields": {"instruction": "text", "input": None},
+                  "where": {"role": "prompter", "parent_id": None, "lang": "en"}}
+
+
+def test_a_message_tree_gives_its_first_user_turns_as_seeds(tmp_path):
+    """The seed-data ablation's pool (presets/seed-ablation-oasst.yaml): fields mapped, rows selected."""
+    out = tmp_path / "pool.jsonl"
+    build_seed_pool({"source": _seed(tmp_path, OASST_ROWS), "seed": 0, **OASST_SETTINGS}, str(out))
+    assert sorted(r["text"] for r in read_jsonl(out)) == ["How do tides work?", "Write a haiku about rain."]
+
+
+def test_the_ablation_preset_maps_the_same_fields():
+    from pipeline_helpers import ROOT
+    from montessori.config import load_config
+
+    config = load_config(ROOT / "config.yaml", ROOT / "presets" / "llama3-8b.yaml",
+                         ROOT / "presets" / "seed-ablation-oasst.yaml")
+    assert config["seed_pool"]["source"] == "OpenAssistant/oasst1"
+    assert {key: config["seed_pool"][key] for key in OASST_SETTINGS} == OASST_SETTINGS
+
+
+def test_a_mapped_field_missing_or_a_where_field_nobody_has_names_the_key(tmp_path):
+    source = _seed(tmp_path, OASST_ROWS)
+    with pytest.raises(DataError, match=r"seeds.jsonl:1: missing or empty 'prompt'.*seed_pool.fields.instruction"):
+        build_seed_pool({"source": source, "seed": 0, "fields": {"instruction": "prompt"}}, str(tmp_path / "p.jsonl"))
+    with pytest.raises(ConfigError, match=r"config key 'seed_pool.where': no row of .* has a field 'language'"):
+        build_seed_pool({"source": source, "seed": 0, **OASST_SETTINGS, "where": {"language": "en"}},
+                        str(tmp_path / "p.jsonl"))
+    with pytest.raises(DataError, match=r"seed pool is empty.*seed_pool.where"):
+        build_seed_pool({"source": source, "seed": 0, **OASST_SETTINGS, "where": {"lang": "fr"}},
+                        str(tmp_path / "p.jsonl"))
 
 
 def test_malformed_seed_line(tmp_path):

@@ -170,12 +170,23 @@ def test_exact_equals_the_original_algorithm(tmp_path, warmup, data, aggregation
     assert exact_summary["loss_aggregation"] == original_summary["loss_aggregation"] == aggregation
     assert [r["id"] for r in exact] == [r["id"] for r in original] == [f"probe-{i:02d}" for i in range(6)]
     for a, b in zip(exact, original):
-        for key in ("loss_before", "loss_after", "influence", "influence_vs_momentum"):
+        for key in ("loss_before", "loss_after", "influence", "influence_vs_momentum", "probe_loss"):
             assert abs(a[key] - b[key]) <= 1e-6, (key, a, b)
         assert a["group"] == b["group"]
     assert abs(exact_summary["momentum_loss"] - original_summary["momentum_loss"]) <= 1e-6
     # the step is large on this random model: scores are far from rounding noise
     assert max(abs(r["influence"]) for r in exact) > 1e-3
+
+
+def test_each_record_keeps_the_probes_own_loss_at_the_warmup_weights(tmp_path, warmup, data):
+    """pairs.signal loss reads `probe_loss`: the probe's response-token loss before its step."""
+    scorer, pairs = load_scorer(warmup, data)
+    with torch.no_grad():
+        expected = [float(total) / count for total, count in (influence.response_nll(scorer.model, p) for p in pairs)]
+    assert len(set(expected)) == len(expected)
+    for mode in ("exact", "first_order"):
+        records, _ = run_shard(tmp_path, warmup, data, mode, mode=mode)
+        assert [r["probe_loss"] for r in records] == pytest.approx(expected, abs=1e-5), mode
 
 
 def test_restore_is_bit_identical_after_every_example(warmup, data):

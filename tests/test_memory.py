@@ -93,3 +93,20 @@ def test_a_model_in_the_hub_cache_is_read_from_there(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert model_shape("someone/cached-1b", "models.student").num_hidden_layers == 2
+
+
+def test_a_transfer_student_is_sized_by_its_own_model():
+    """presets/transfer.yaml's students: their SFT request is the main student's arithmetic on their shape."""
+    config = load_config(ROOT / "config.yaml", ROOT / "presets" / "tinyllama.yaml", ROOT / "presets" / "transfer.yaml")
+    processes = config["compute"]["training_gpus"]
+    for index, student in enumerate(config["transfer_students"]):
+        shape = model_shape(student["model"], "x")
+        assert rule_memory_mb("sft", config, student["model"], f"transfer_students[{index}].model") == \
+            job_memory_mb("sft", shape, processes=processes, checkpoints=True)
+    # 7-9B students need several times the 1.1B main student's request
+    gemma = KNOWN_SHAPES["google/gemma-2-9b"]
+    assert 9.0e9 < gemma.parameters() < 9.5e9      # Gemma-2-9B: about 9.24 B parameters
+    assert 7.0e9 < KNOWN_SHAPES["mistralai/Mistral-7B-v0.1"].parameters() < 7.3e9
+    assert 7.5e9 < KNOWN_SHAPES["Qwen/Qwen1.5-7B"].parameters() < 7.8e9
+    with pytest.raises(ConfigError, match=r"config key 'transfer_students\[0\]\.model'"):
+        rule_memory_mb("sft", config, "someone/unknown-7b", "transfer_students[0].model")

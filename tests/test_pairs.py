@@ -1,4 +1,4 @@
-"""Preference pairs: each rule on hand-made scores, the zero-pairs error, input checks."""
+"""Preference pairs: each rule and utility signal on hand-made scores, the zero-pairs error, input checks."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def write_inputs(tmp_path, scores=SCORES):
 def run(tmp_path, settings, scores=SCORES):
     influence, responses = write_inputs(tmp_path, scores)
     out, summary = tmp_path / "pairs.jsonl", tmp_path / "pairs_summary.json"
-    build_pairs(settings, influence=str(influence), responses=str(responses), out=str(out), summary=str(summary))
+    build_pairs(settings, scores=str(influence), responses=str(responses), out=str(out), summary=str(summary))
     return read_jsonl(out), read_json(summary)
 
 
@@ -114,7 +114,7 @@ def test_unscored_probing_record_is_an_error(tmp_path):
     influence, responses = write_inputs(tmp_path)
     write_jsonl_atomic(influence, read_jsonl(influence)[:-1])
     with pytest.raises(DataError, match=r"1 probing records .* have no score .*g2-c1"):
-        build_pairs({"rule": "rank"}, influence=str(influence), responses=str(responses),
+        build_pairs({"rule": "rank"}, scores=str(influence), responses=str(responses),
                     out=str(tmp_path / "p.jsonl"), summary=str(tmp_path / "s.json"))
 
 
@@ -130,5 +130,79 @@ def test_siblings_with_different_prompts_are_an_error(tmp_path):
     records[1]["prompt"] = "something else"
     write_jsonl_atomic(responses, records)
     with pytest.raises(DataError, match="group 'g1' have 2 different prompts"):
-        build_pairs({"rule": "rank"}, influence=str(influence), responses=str(responses),
+        build_pairs({"rule": "rank"}, scores=str(influence), responses=str(responses),
                     out=str(tmp_path / "p.jsonl"), summary=str(tmp_path / "s.json"))
+
+
+# ---- pairs.signal: the utility-signal ablation ---------------------------------------------------
+
+def run_signal(tmp_path, settings, records):
+    """Pairs from a score file of the signal's own records (id, group, and its score key)."""
+    scores, responses = tmp_path / "scores.jsonl", tmp_path / "probing.jsonl"
+    write_jsonl_atomic(scores, records)
+    write_jsonl_atomic(responses, [
+        {"id": r["id"], "group": r["group"], "prompt": PROMPTS[r["group"]], "raw_output": f"raw {r['id']}"}
+        for r in records])
+    out, summary = tmp_path / "pairs.jsonl", tmp_path / "pairs_summary.json"
+    build_pairs(settings, scores=str(scores), responses=str(responses), out=str(out), summary=str(summary))
+    return read_jsonl(out), read_json(summary)
+
+
+def test_loss_signal_prefers_the_sibling_the_student_already_fits_best(tmp_path):
+    # probe_loss is all the loss signal reads: influence says the opposite here and must be ignored
+    records = [{"id": i, "group": g, "probe_loss": loss, "influence": -loss}
+               for i, g, loss in [("g1-c0", "g1", 1.9), ("g1-c1", "g1", 0.7), ("g1-c2", "g1", 1.2),
+                                  ("g2-c0", "g2", 2.5), ("g2-c1", "g2", 2.5)]]
+    pairs, summary = run_signal(tmp_path, {"signal": "loss", "rule": "rank"}, records)
+    assert ids(pairs) == [("g1-c1", "g1-c0")]          # lowest loss chosen; g2's siblings tie
+    assert (pairs[0]["chosen_score"], pairs[0]["rejected_score"]) == (0.7, 1.9)
+    assert summary["signal"] == "loss" and summary["score"] == "probe_loss"
+    assert summary["higher_is_better"] is False
+
+
+def test_judge_signal_prefers_the_higher_rating_and_skips_unrated_probes(tmp_path):
+    records = [{"id": i, "group": g, "judge_score": score}
+               for i, g, score in [("g1-c0", "g1", 3.0), ("g1-c1", "g1", 8.5), ("g1-c2", "g1", None),
+                                   ("g2-c0", "g2", None), ("g2-c1", "g2", 9.0)]]
+    pairs, summary = run_signal(tmp_path, {"signal": "judge", "rule": "rank", "min_margin": 1.0}, records)
+    assert ids(pairs) == [("g1-c1", "g1-c0")]          # highest rating chosen; g2 has one rated sibling
+    assert (pairs[0]["chosen_score"], pairs[0]["rejected_score"]) == (8.5, 3.0)
+    assert summary["candidates"] == 3 and summary["candidates_without_score"] == 2
+    assert summary["higher_is_better"] is True and summary["groups_with_pairs"] == 1
+
+
+def test_judge_margin_applies_to_the_rating_spread(tmp_path):
+    records = [{"id": "g1-c0", "group": "g1", "judge_score": 6.0}, {"id": "g1-c1", "group": "g1", "judge_score": 6.5}]
+    with pytest.raises(DataError, match=r"pairs.rule: rank found no.*largest spread 0.5"):
+        run_signal(tmp_path, {"signal": "judge", "rule": "rank", "min_margin": 1.0}, records)
+
+
+def test_a_missing_score_is_an_error_for_the_loss_signal(tmp_path):
+    records = [{"id": "g1-c0", "group": "g1", "probe_loss": None}, {"id": "g1-c1", "group": "g1", "probe_loss": 1.0}]
+    with pytest.raises(DataError, match="g1-c0.*probe_loss=None"):
+        run_signal(tmp_path, {"signal": "loss", "rule": "rank"}, records)
+
+
+def test_influence_records_without_probe_loss_name_the_field(tmp_path):
+    """An influence table written before probe_loss was recorded: rerun influence for the loss signal."""
+    with pytest.raises(DataError, match="has no 'probe_loss'"):
+        run(tmp_path, {"signal": "loss", "rule": "rank"})
+
+
+@pytest.mark.parametrize("signal", ["loss", "judge"])
+@pytest.mark.parametrize("rule", ["sign", "momentum"])
+def test_zero_split_rules_do_not_apply_to_loss_or_judge(tmp_path, signal, rule):
+    with pytest.raises(ConfigError, match=rf"config key 'pairs.rule': rule '{rule}' does not apply to "
+                                          rf"pairs.signal '{signal}'.*set pairs.rule: rank"):
+        run(tmp_path, {"signal": signal, "rule": rule})
+
+
+def test_unknown_signal_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="config key 'pairs.signal'"):
+        run(tmp_path, {"signal": "vibes", "rule": "rank"})
+
+
+def test_influence_signal_is_the_default_and_reads_influence(tmp_path):
+    explicit, summary = run(tmp_path, {"signal": "influence", "rule": "rank"})
+    default, _ = run(tmp_path, {"rule": "rank"})
+    assert explicit == default and summary["score"] == "influence" and summary["signal"] == "influence"

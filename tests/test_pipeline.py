@@ -12,6 +12,7 @@ from pipeline_helpers import (
     LOCAL_CORES,
     ROOT,
     TINY,
+    TINY_CONFIG,
     TINY_RESULTS,
     job_stats,
     make_workdir,
@@ -22,6 +23,7 @@ from pipeline_helpers import (
 )
 
 from montessori.config import load_config
+from montessori.memory import rule_memory_mb
 
 STUDENTS = ["base", "montessori-round1", "self_instruct-round1"]
 EVAL_RULES = ("eval_alpaca_generate", "eval_alpaca_judge", "eval_mt_bench_generate", "eval_mt_bench_judge",
@@ -32,7 +34,9 @@ def expected_job_counts(config: dict) -> dict[str, int]:
     rounds, methods = config["rounds"], config["methods"]
     sets = rounds * (1 + len(methods))            # the probes and one training set per method, each round
     synth_shards = config["synthesis"]["shards"]
-    students = 1 + rounds * len(methods)
+    transfer = len(config["transfer_students"])
+    # the main student untrained and of each round, and each transfer student trained on each method's set
+    students = 1 + rounds * len(methods) + transfer * len(methods)
     counts = {
         "prepare_model": 2 + (config["evaluation"]["judge"]["type"] == "local"),
         "seed_pool": 1, "reference_set": 1,
@@ -44,6 +48,12 @@ def expected_job_counts(config: dict) -> dict[str, int]:
     }
     if not config["storage"]["keep"]["warmup"]:
         counts["remove_warmup"] = rounds
+    if config["pairs"]["signal"] == "judge":      # the probes are rated instead of scored by influence
+        for rule in ("warmup", "influence", "merge_influence", "remove_warmup"):
+            counts.pop(rule, None)
+        counts["judge_probes"] = rounds
+    if transfer:
+        counts |= {"prepare_transfer_model": transfer, "sft_transfer_student": transfer * len(methods)}
     references = config["evaluation"]["alpaca_eval"]["reference"]
     n_references = 1 if isinstance(references, str) else len(references)
     # one judged AlpacaEval comparison per student and reference
@@ -96,22 +106,31 @@ def test_small_jobs_are_local_rules(tmp_path):
     assert declared == SMALL_JOBS
 
 
-@pytest.mark.parametrize("preset", ["llama3-8b", "tinyllama"])
-def test_each_preset_plans_the_whole_dag_with_its_gpus(tmp_path, preset):
+@pytest.mark.parametrize("presets", [["llama3-8b"], ["tinyllama"], ["tinyllama", "transfer"],
+                                     ["llama3-8b", "seed-ablation-oasst"]], ids="+".join)
+def test_each_preset_plans_the_whole_dag_with_its_gpus(tmp_path, presets):
     """The paper presets, as a cluster user starts them (models and seeds by hub name; a dry run
-    loads nothing): their chat templates are literal settings, not wildcards."""
+    loads nothing): their chat templates are literal settings, not wildcards. The ablation and
+    transfer presets are merged over a main preset."""
     workdir = make_workdir(tmp_path / "work")
     (workdir / "presets").symlink_to(ROOT / "presets")
-    config = load_config(ROOT / "config.yaml", ROOT / "presets" / f"{preset}.yaml")
-    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run", "--configfile", f"presets/{preset}.yaml")
+    config = load_config(ROOT / "config.yaml", *(ROOT / "presets" / f"{preset}.yaml" for preset in presets))
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run",
+                        "--configfile", *(f"presets/{preset}.yaml" for preset in presets))
     assert dry.returncode == 0, dry.stdout[-3000:]
     assert job_stats(dry.stdout) == expected_job_counts(config)
     jobs = planned_jobs(dry.stdout)
     compute = config["compute"]
     influence_gpus = {job.resources.get("gpu") for job in jobs if job.rule == "influence"}
     assert influence_gpus == {str(compute["gpus"] * config["influence"]["gpus_per_shard"])}
-    training_gpus = {job.resources.get("gpu") for job in jobs if job.rule in ("warmup", "sft_student")}
+    training_gpus = {job.resources.get("gpu") for job in jobs if job.rule in ("warmup", "sft_student",
+                                                                               "sft_transfer_student")}
     assert training_gpus == {str(compute["training_gpus"])}
+    # each transfer student's SFT asks for the memory of its own model, computed as the main student's
+    transfer_memory = {job.wildcards["name"]: int(job.resources["mem_mb"]) for job in jobs
+                       if job.rule == "sft_transfer_student"}
+    assert transfer_memory == {student["name"]: rule_memory_mb("sft", config, student["model"], "key")
+                               for student in config["transfer_students"]}
     dpo_gpus = {job.resources.get("gpu") for job in jobs if job.rule == "dpo_teacher"}
     assert dpo_gpus == {str(config["dpo"]["gpus"] or compute["training_gpus"])}
 
@@ -289,3 +308,71 @@ def test_the_warmup_checkpoint_is_removed_once_influence_is_merged(finished_tiny
     assert not (round1 / "warmup").exists(), "storage.keep.warmup is false in the tiny config"
     assert not (round1 / "warmup.done").exists(), "the sentinel is a temp() output"
     assert (round1 / "influence" / "influence.jsonl").exists()
+
+
+def dry_run_with(tmp_path, override: dict, *options: str):
+    """A dry run of the tiny config with `override` merged over it: (the merged config, the output)."""
+    workdir = make_workdir(tmp_path / "work")
+    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run", *options, *TINY, "override.yaml")
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    return load_config(ROOT / "config.yaml", TINY_CONFIG, workdir / "override.yaml"), dry.stdout
+
+
+def test_the_judge_signal_rates_the_probes_instead_of_scoring_influence(tmp_path):
+    """pairs.signal judge plans the probe judge (and no warm-up or influence); the default signal
+    plans no probe judge (test_dry_run_draws_the_whole_dag counts every rule)."""
+    config, output = dry_run_with(tmp_path, {"pairs": {"signal": "judge", "rule": "rank"}}, "--printshellcmds")
+    assert job_stats(output) == expected_job_counts(config)
+    assert job_stats(output)["judge_probes"] == config["rounds"] and "influence" not in job_stats(output)
+    pairs = [line for line in output.splitlines() if " preference_pairs " in line]
+    assert len(pairs) == 1 and f"--scores {TINY_RESULTS}/round1/probe_judge/scores.jsonl" in pairs[0]
+    judge = [line for line in output.splitlines() if " judge_probes " in line]
+    assert len(judge) == 1 and f"--judge {TINY_RESULTS}/models/judge.json" in judge[0]
+
+
+def test_the_loss_signal_reads_the_influence_table(tmp_path):
+    config, output = dry_run_with(tmp_path, {"pairs": {"signal": "loss", "rule": "rank"}}, "--printshellcmds")
+    assert job_stats(output) == expected_job_counts(config) and "judge_probes" not in job_stats(output)
+    pairs = [line for line in output.splitlines() if " preference_pairs " in line]
+    assert f"--scores {TINY_RESULTS}/round1/influence/influence.jsonl" in pairs[0]
+
+
+def test_a_zero_split_rule_with_the_judge_signal_stops_the_plan_naming_the_key(tmp_path):
+    workdir = make_workdir(tmp_path / "work")
+    (workdir / "override.yaml").write_text(yaml.safe_dump({"pairs": {"signal": "judge", "rule": "sign"}}))
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run", *TINY, "override.yaml")
+    assert dry.returncode != 0 and "config key 'pairs.rule'" in dry.stdout
+
+
+def test_a_transfer_student_adds_exactly_its_training_and_evaluation_jobs(tmp_path):
+    """One transfer student (the embedded model): a card, an SFT per method on that method's set of
+    the last round, and every evaluation job per trained student, compared against itself trained
+    on Self-Instruct's set; nothing else changes."""
+    baseline = job_stats(run_snakemake(make_workdir(tmp_path / "base"), "--workflow-profile", "none",
+                                       "--dry-run", *TINY).stdout)
+    student = {"name": "smol", "model": "smollm2-135m-instruct", "lr": 3.0e-5}
+    config, output = dry_run_with(tmp_path, {"transfer_students": [student]}, "--printshellcmds")
+    stats = job_stats(output)
+    assert stats == expected_job_counts(config)
+    added = {rule: stats[rule] - baseline.get(rule, 0) for rule in stats if stats[rule] != baseline.get(rule, 0)}
+    n_methods, n_references = len(config["methods"]), len(config["evaluation"]["alpaca_eval"]["reference"])
+    assert added == {"prepare_transfer_model": 1, "sft_transfer_student": n_methods,
+                     **{rule: n_methods for rule in EVAL_RULES}, "eval_alpaca_judge": n_methods * n_references}
+    jobs = planned_jobs(output)
+    trained = sorted(job.wildcards["method"] for job in jobs if job.rule == "sft_transfer_student")
+    assert trained == sorted(config["methods"])
+    evaluated = {job.wildcards["student"] for job in jobs if job.rule == "eval_lm_eval"}
+    assert evaluated == set(STUDENTS) | {f"transfer-smol-{method}" for method in config["methods"]}
+    lines = output.splitlines()
+    last = config["rounds"]
+    for method in config["methods"]:
+        sft = [line for line in lines if " sft_student " in line and f"/transfer/smol/{method}/" in line]
+        assert len(sft) == 1 and f"--data {TINY_RESULTS}/round{last}/{method}/train/responses.jsonl" in sft[0]
+        assert f"--student {TINY_RESULTS}/models/transfer-smol.json" in sft[0]
+        assert '"lr": 3e-05' in sft[0]                 # the student's own learning rate
+    # the transfer student's comparison is itself trained on Self-Instruct's set, not the main student
+    versus = [line for line in lines if " eval_alpaca_judge " in line and "transfer-smol-montessori" in line
+              and "--reference-name self_instruct" in line]
+    assert len(versus) == 1
+    assert f"--reference {TINY_RESULTS}/eval/transfer-smol-self_instruct/alpaca_eval/outputs.json" in versus[0]

@@ -162,6 +162,13 @@ def make_rating_judge(settings: dict, judge_card: str | None):
     return _ApiRatingJudge(judge_settings), 1
 
 
+def rating_judge_identity(judge_settings: dict, judge_card: str | None) -> str:
+    """What a rating is cached under: the local judge's weights and scoring version, or the API model."""
+    if judge_loads_a_model(judge_settings):
+        return f"local:{model_path(judge_card) if judge_card else None}:{LOCAL_RATING_VERSION}"
+    return f"api:{judge_settings.get('model')}"  # as before, so paid judgements stay cached
+
+
 def summarize_scores(judgments: list[dict], category_of: dict) -> dict:
     """Mean score per turn and overall over valid ratings (as show_result.py), with missing counts;
     `category_of` maps question_id to category."""
@@ -205,10 +212,7 @@ def judge_answers(settings: dict, answers: str, out: str, scores: str, cache: st
             raise DataError(f"{prompts_path}: judge prompt {name!r} is missing")
     judge_settings = settings.get("judge", {})
     judge_name = judge_settings.get("model") or "judge"
-    if judge_loads_a_model(judge_settings):
-        identity = f"local:{model_path(judge) if judge else None}:{LOCAL_RATING_VERSION}"
-    else:
-        identity = f"api:{judge_settings.get('model')}"  # as before, so paid judgements stay cached
+    identity = rating_judge_identity(judge_settings, judge)
 
     tasks = []
     for question_id, record in answer_records.items():
