@@ -29,6 +29,8 @@ def test_defaults_fill_missing_sections():
     assert config["sft"]["schedule"] == {"warmup": 0.1, "stable": 0.5, "decay": 0.4, "min_lr_ratio": 0.001}
     assert config["synthesis"]["n"] == 4
     assert config["synthesis"]["filters"]["rouge_threshold"] == 0.7
+    assert config["evaluation"]["nll"] == {"source": "data/eval/nll.jsonl", "split": "train", "limit": None,
+                                           "max_length": 1024, "batch_size": 8}
 
 
 @pytest.mark.parametrize(
@@ -52,6 +54,8 @@ def test_defaults_fill_missing_sections():
         ({"evaluation": {"alpaca_eval": {"reference": []}}}, "'evaluation.alpaca_eval.reference'"),
         ({"influence": {"reference": {"kind": "paper"}}}, "'influence.reference.allow_eval_contamination'"),
         ({"influence": {"reference": {"kind": "original"}}}, "'influence.reference.kind'"),
+        ({"evaluation": {"nll": {"max_length": 8}}}, "'evaluation.nll.max_length'"),
+        ({"evaluation": {"nll": {"limit": 0}}}, "'evaluation.nll.limit'"),
     ],
 )
 def test_bad_values_name_the_key(shipped, override, key):
