@@ -204,7 +204,7 @@ rule eval_nll:
         seed_pool=f"{R}/seed_pool.jsonl",
         reference=f"{R}/reference.jsonl",
     output:
-        items=f"{EVAL}/nll/items.jsonl",
+        per_item=f"{EVAL}/nll/items.jsonl",
         summary=f"{EVAL}/nll/summary.json",
     params:
         settings=settings(seed=config["seed"], chat_template=config["models"]["chat_template"],
@@ -222,5 +222,5 @@ rule eval_nll:
         "../envs/evaluation.yaml"
     shell:
         montessori("eval_nll") + " --student {input.student} --seed-pool {input.seed_pool}"
-        + " --reference {input.reference} --out {output.items} --summary {output.summary}"
+        + " --reference {input.reference} --out {output.per_item} --summary {output.summary}"
         + " --name {wildcards.student} > {log} 2>&1"
