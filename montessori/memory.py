@@ -156,6 +156,8 @@ def job_memory_mb(kind: str, shape: ModelShape, processes: int = 1, checkpoints:
                  resumable checkpoints (`checkpoints`: sft.save_steps set).
       dpo        rank 0 loads the policy and the reference model, both fp32 (8 B/param); a
                  checkpoint (dpo.save_steps) gathers weights and moments (12 B/param) instead.
+      nll        the evaluated student loaded in fp32 on the host (4 B/param) before it moves
+                 to its GPU.
     Every process (one per GPU of a training job) adds PROCESS_OVERHEAD_MB.
     """
     if processes < 1:
@@ -170,6 +172,8 @@ def job_memory_mb(kind: str, shape: ModelShape, processes: int = 1, checkpoints:
         state = weights + (moments if checkpoints else 0)
     elif kind == "dpo":
         state = max(2 * weights, weights + moments if checkpoints else 0)
+    elif kind == "nll":
+        state = weights
     else:
         raise ValueError(f"job_memory_mb: unknown job kind {kind!r}")
     return _whole_gb_in_mb(state + processes * PROCESS_OVERHEAD_MB * MB)
@@ -177,7 +181,7 @@ def job_memory_mb(kind: str, shape: ModelShape, processes: int = 1, checkpoints:
 
 def rule_memory_mb(kind: str, config: dict, student: str | None = None, student_key: str | None = None) -> int:
     """job_memory_mb for a rule of the pipeline, from its validated config: the student for
-    warm-up, influence and SFT, the teacher for DPO; training jobs run one process per GPU.
+    warm-up, influence, SFT and the NLL, the teacher for DPO; training jobs run one process per GPU.
     `student` (named by the config key `student_key`) replaces models.student: a transfer student."""
     role = "teacher" if kind == "dpo" else "student"
     if student is not None and role == "student":
@@ -186,6 +190,6 @@ def rule_memory_mb(kind: str, config: dict, student: str | None = None, student_
         shape = model_shape(config["models"][role], f"models.{role}")
     training_gpus = (config["dpo"]["gpus"] or config["compute"]["training_gpus"]) if kind == "dpo" \
         else config["compute"]["training_gpus"]
-    processes = max(1, training_gpus) if kind != "influence" else 1
+    processes = max(1, training_gpus) if kind not in ("influence", "nll") else 1
     checkpoints = bool(config.get(kind, {}).get("save_steps")) if kind in ("sft", "dpo") else False
     return job_memory_mb(kind, shape, processes=processes, checkpoints=checkpoints)

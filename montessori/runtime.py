@@ -20,6 +20,8 @@ THROUGHPUT_KEYS: dict[str, tuple[str, ...]] = {
     # count) does not depend on it. A per-batch mean would: see influence_throughput_keys.
     "influence": ("batch_size", "gpus_per_shard"),
     "evaluation.lm_eval": ("batch_size",),
+    # the NLL's forward batch: each record's loss is summed on its own (evaluation/nll.py)
+    "evaluation.nll": ("batch_size",),
 }
 
 # Stages whose model generates through montessori.generation: the generator's batch and vLLM's
@@ -68,6 +70,7 @@ def runtime_settings(config: dict) -> dict[str, dict]:
         "gpu_memory_utilization": synthesis["gpu_memory_utilization"],
         "lm_eval": {"batch_size": config["evaluation"]["lm_eval"]["batch_size"]},
     }
+    stages["eval_nll"] = {"nll": {"batch_size": config["evaluation"]["nll"]["batch_size"]}}
     return stages
 
 

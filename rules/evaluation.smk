@@ -1,5 +1,6 @@
 # Every student (the untrained one, and each method's student of each round) is evaluated the
-# same way: AlpacaEval-style pairwise judging, MT-Bench single-answer grading, lm-eval-harness.
+# same way: AlpacaEval-style pairwise judging, MT-Bench single-answer grading, lm-eval-harness, and
+# (judge-free) the NLL of held-out strong answers.
 # <student> = base | <method>-round<k> | transfer-<name>-<method> (config transfer_students).
 
 EVAL = f"{R}/eval/{{student}}"
@@ -196,3 +197,33 @@ rule eval_lm_eval:
     shell:
         montessori("eval_lm_eval") + " --student {input.student} --out {output} --name {wildcards.student}"
         + " > {log} 2>&1"
+
+
+rule eval_nll:
+    """Judge-free: the student's NLL of held-out strong answers; items in the seed pool or the
+    reference set are dropped (and counted), so it never scores what the pipeline trains on."""
+    input:
+        student=lambda w: evaluated_student_card(w.student),
+        seed_pool=f"{R}/seed_pool.jsonl",
+        reference=f"{R}/reference.jsonl",
+    output:
+        per_item=f"{EVAL}/nll/items.jsonl",
+        summary=f"{EVAL}/nll/summary.json",
+    params:
+        settings=settings(seed=config["seed"], chat_template=config["models"]["chat_template"],
+                          nll=section("evaluation.nll")),
+    log:
+        f"{LOGS}/eval/{{student}}/nll.log",
+    benchmark:
+        f"{BENCH}/eval/{{student}}/nll.tsv"
+    threads: THREADS
+    resources:
+        mem_mb=memory_mb("nll"),
+        runtime=60,
+        **gpu_job(GPUS),
+    conda:
+        "../envs/evaluation.yaml"
+    shell:
+        montessori("eval_nll") + " --student {input.student} --seed-pool {input.seed_pool}"
+        + " --reference {input.reference} --out {output.per_item} --summary {output.summary}"
+        + " --name {wildcards.student} > {log} 2>&1"

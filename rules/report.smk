@@ -1,4 +1,5 @@
-# The last target: one table (students x metrics), plots, and the cost of every stage.
+# The last target: one table (students x metrics), the paired bootstrap differences between
+# students, plots, and the cost of every stage.
 
 
 def report_inputs(kind: str) -> list[str]:
@@ -8,6 +9,12 @@ def report_inputs(kind: str) -> list[str]:
                    for label in alpaca_references()],
         "mt_bench": [f"{R}/eval/{s}/mt_bench/scores.json" for s in students],
         "lm_eval": [f"{R}/eval/{s}/lm_eval/results.json" for s in students],
+        "nll": [f"{R}/eval/{s}/nll/summary.json" for s in students],
+        # read beside the summaries above (montessori/report.py): declared so that they are tracked
+        "per_item": ([f"{R}/eval/{s}/alpaca_eval/vs-{label}/annotations.json" for s in students
+                      for label in alpaca_references()]
+                     + [f"{R}/eval/{s}/mt_bench/judgment.jsonl" for s in students]
+                     + [f"{R}/eval/{s}/nll/items.jsonl" for s in students]),
         "influence": [f"{R}/round{k}/influence/histogram.png" for k in ROUNDS]
                      if "montessori" in METHODS and PAIRS_FROM_INFLUENCE else [],
         "dpo_loss": [f"{R}/round{k}/teacher_loss.json" for k in ROUNDS] if "montessori" in METHODS else [],
@@ -26,6 +33,8 @@ rule report:
         alpaca=report_inputs("alpaca"),
         mt_bench=report_inputs("mt_bench"),
         lm_eval=report_inputs("lm_eval"),
+        nll=report_inputs("nll"),
+        per_item=report_inputs("per_item"),
         influence=report_inputs("influence"),
         dpo_loss=report_inputs("dpo_loss"),
         sft_loss=report_inputs("sft_loss"),
@@ -38,6 +47,7 @@ rule report:
     params:
         settings=settings(
             run=config["run"],
+            seed=config["seed"],
             judge=config["evaluation"]["judge"],
             alpaca_eval=config["evaluation"]["alpaca_eval"],
         ),
@@ -60,6 +70,7 @@ rule report:
         montessori("report")
         + " --out-md {output.md} --out-csv {output.csv} --figures {output.figures}"
         + " --alpaca-paths {input.alpaca} --mt-bench-paths {input.mt_bench} --lm-eval-paths {input.lm_eval}"
+        + " --nll-paths {input.nll}"
         + " --sft-loss-paths {input.sft_loss} {params.influence} {params.dpo_loss}"
         + " --alpaca-selection {input.alpaca_selection}"
         + " --benchmark-paths $(find {params.benchmarks} -name '*.tsv' ! -name report.tsv | sort) > {log} 2>&1"

@@ -18,7 +18,7 @@ from montessori.errors import ConfigError
 from montessori.memory import rule_memory_mb
 
 GPU_RULES = {"synth_instructions", "synth_responses", "warmup", "influence", "dpo_teacher", "sft_student",
-             "eval_alpaca_generate", "eval_mt_bench_generate", "eval_lm_eval"}
+             "eval_alpaca_generate", "eval_mt_bench_generate", "eval_lm_eval", "eval_nll"}
 JUDGE_RULES = {"eval_alpaca_judge", "eval_mt_bench_judge"}
 
 

@@ -29,6 +29,8 @@ def test_defaults_fill_missing_sections():
     assert config["sft"]["schedule"] == {"warmup": 0.1, "stable": 0.5, "decay": 0.4, "min_lr_ratio": 0.001}
     assert config["synthesis"]["n"] == 4
     assert config["synthesis"]["filters"]["rouge_threshold"] == 0.7
+    assert config["evaluation"]["nll"] == {"source": "data/eval/nll.jsonl", "split": "train", "limit": None,
+                                           "max_length": 1024, "batch_size": 8}
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,8 @@ def test_defaults_fill_missing_sections():
         ({"transfer_students": [{"name": "a", "model": "x"}, {"name": "a", "model": "y"}]}, "'transfer_students'"),
         ({"transfer_students": [{"name": "has-dash", "model": "x"}]}, "'transfer_students.0.name'"),
         ({"transfer_students": [{"name": "nomodel"}]}, "'transfer_students.0'"),
+        ({"evaluation": {"nll": {"max_length": 8}}}, "'evaluation.nll.max_length'"),
+        ({"evaluation": {"nll": {"limit": 0}}}, "'evaluation.nll.limit'"),
     ],
 )
 def test_bad_values_name_the_key(shipped, override, key):

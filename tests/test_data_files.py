@@ -224,3 +224,19 @@ def test_readme_lists_every_data_file():
     files = sorted(p.relative_to(DATA).as_posix() for p in DATA.rglob("*") if p.is_file() and p.name != "README.md")
     missing = [f for f in files if f"`{f}`" not in readme]
     assert not missing, f"data/README.md does not list {missing}"
+
+
+def test_nll_set_is_held_out_of_seeds_reference_and_evaluation_sets(seeds, reference, alpaca_eval, mt_questions,
+                                                                    local_qa):
+    items = load_pairs(str(DATA / "eval" / "nll.jsonl"))
+    assert len({item["id"] for item in items}) == len(items) >= 20
+    _assert_no_exact_duplicates([item["instruction"] for item in items], "eval/nll.jsonl")
+    others = ([row["instruction"] for row in seeds] + [row["instruction"] for row in reference]
+              + [row["instruction"] for row in alpaca_eval] + [t for q in mt_questions for t in q["turns"]]
+              + [row["question"] for row in local_qa])
+    others_exact = {_normalized(t) for t in others}
+    for item in items:
+        assert _normalized(item["instruction"]) not in others_exact, f"{item['id']} is a seed, reference or evaluation item"
+        close = [t for t in others if _jaccard(item["instruction"], t) >= NEAR_DUPLICATE_JACCARD]
+        assert not close, f"{item['id']} {item['instruction']!r} is close to {close}"
+        assert len(item["response"]) >= 200, f"{item['id']}: a held-out answer should be a full, careful answer"

@@ -190,3 +190,14 @@ def test_script_computes_length_controlled_v1_from_the_files(tmp_path):
     printed = json.loads(done.stdout)
     assert printed["length_control"] == "length_controlled_v1" and "length_controlled_minimal" not in printed
     assert 0 < printed["length_controlled_winrate"] < 100
+
+
+def test_win_points_are_the_per_instruction_terms_of_the_win_rate():
+    from montessori.evaluation.metrics import win_points
+
+    preferences = [1, 2, 1.5, 0, None, 1.2, 1.8, 2.5, float("nan")]
+    points = [win_points(p) for p in preferences]
+    assert points[:4] == [0.0, 100.0, 50.0, 50.0]  # the legacy 0 is a draw
+    assert points[4] is None and points[7] is None and points[8] is None
+    kept = [p for p in points if p is not None]
+    assert sum(kept) / len(kept) == pytest.approx(win_rate_metrics(preferences)["win_rate"])

@@ -64,6 +64,9 @@ def test_the_8b_preset_requests_follow_the_arithmetic():
     # DPO without checkpoints: policy and reference, fp32, on rank 0; dpo.gpus = 2 processes
     assert 8 * p == 64_242_089_984 and config["dpo"]["gpus"] == 2
     assert rule_memory_mb("dpo", config) == 77_000                 # 64,243 + 12,000 MB -> 77 GB
+    # the NLL: the student's fp32 weights on the host while it loads, one process
+    assert 4 * p == 32_121_044_992
+    assert rule_memory_mb("nll", config) == 39_000                 # 32,122 + 6,000 MB -> 39 GB
     assert overhead * processes == 48_000
 
 

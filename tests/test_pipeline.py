@@ -27,7 +27,7 @@ from montessori.memory import rule_memory_mb
 
 STUDENTS = ["base", "montessori-round1", "self_instruct-round1"]
 EVAL_RULES = ("eval_alpaca_generate", "eval_alpaca_judge", "eval_mt_bench_generate", "eval_mt_bench_judge",
-              "eval_lm_eval")
+              "eval_lm_eval", "eval_nll")
 
 
 def expected_job_counts(config: dict) -> dict[str, int]:
@@ -161,7 +161,7 @@ def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):
         rows = list(csv.DictReader(handle))
     assert [row["student"] for row in rows] == STUDENTS
     columns = list(rows[0])
-    for benchmark in ("alpaca_eval", "mt_bench", "lm_eval"):
+    for benchmark in ("alpaca_eval", "mt_bench", "lm_eval", "nll"):
         benchmark_columns = [c for c in columns if c.startswith(f"{benchmark}.")]
         assert benchmark_columns, f"report.csv has no {benchmark} column: {columns}"
         for row in rows:
@@ -169,8 +169,9 @@ def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):
 
     report = (results / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| student |"))
-    for benchmark in ("alpaca_eval.", "mt_bench.", "lm_eval."):
+    for benchmark in ("alpaca_eval.", "mt_bench.", "lm_eval.", "nll."):
         assert benchmark in header
+    assert "| nll.nll | montessori-round1 | base |" in report, "the report compares the students item by item"
     for student in STUDENTS:
         assert f"\n| {student} |" in report
     assert list((results / "figures").glob("*.png")), "the report draws figures"
@@ -269,7 +270,7 @@ def dry_run_with(workdir, tmp_path, override: dict):
 THROUGHPUT_CHANGES = {
     "synthesis": {"batch_size": 3, "gpu_memory_utilization": 0.5, "api_concurrency": 2},
     "influence": {"batch_size": 3, "gpus_per_shard": 2},
-    "evaluation": {"lm_eval": {"batch_size": 1}},
+    "evaluation": {"lm_eval": {"batch_size": 1}, "nll": {"batch_size": 3}},
     "compute": {"gpus": 1, "training_gpus": 1, "threads": 2},
 }
 

@@ -26,8 +26,31 @@ def run_dir(tmp_path):
 
     R = tmp_path / "results" / "demo"
     students = {"self_instruct-round1": 1.0, "base": 0.0, "montessori-round1": 2.0}
-    files = {"alpaca": [], "mt": [], "lm": []}
+    files = {"alpaca": [], "mt": [], "lm": [], "nll": []}
+    instructions = [f"instruction {i}" for i in range(8)]
     for name, bonus in students.items():
+        # per-item files beside the summaries: vs the dataset, base loses every comparison, the
+        # Self-Instruct student wins instructions 0-3 and montessori 0-5 (one judged draw among them)
+        wins = {0: 0, 1: 4, 2: 6}[int(bonus)]
+        _write(R / "eval" / name / "alpaca_eval" / "vs-dataset" / "annotations.json", [
+            {"instruction": text, "preference": (1.5 if i == 0 and wins else 2.0) if i < wins else 1.0}
+            for i, text in enumerate(instructions)])
+        _write(R / "eval" / name / "alpaca_eval" / "vs-self_instruct" / "annotations.json", [
+            {"instruction": text, "preference": 1.5 if name.startswith("self_instruct") else None if i == 7 else
+             (2.0 if i < 2 + 2 * bonus else 1.0)} for i, text in enumerate(instructions)])
+        judgments = R / "eval" / name / "mt_bench" / "judgment.jsonl"
+        judgments.parent.mkdir(parents=True, exist_ok=True)
+        judgments.write_text("".join(json.dumps({"question_id": 81 + q, "turn": turn, "model": name,
+                                                 "score": 3 + bonus + q % 3 if turn == 1 else -1}) + "\n"
+                                     for q in range(6) for turn in (1, 2)))
+        # NLL: every item's loss is base's minus 0.1 x bonus: a constant difference
+        items = R / "eval" / name / "nll" / "items.jsonl"
+        items.parent.mkdir(parents=True, exist_ok=True)
+        items.write_text("".join(json.dumps({"id": f"nll-{i:03d}", "tokens": 10 + i, "nll": 2.0 + 0.1 * i - 0.1 * bonus})
+                                 + "\n" for i in range(5)))
+        files["nll"].append(_write(R / "eval" / name / "nll" / "summary.json", {
+            "model": name, "nll": 2.2 - 0.1 * bonus, "nll_low": 2.0 - 0.1 * bonus, "nll_high": 2.4 - 0.1 * bonus,
+            "n_items": 5, "dropped_in_seed_pool": 0, "dropped_in_reference": 1, "items": "items.jsonl"}))
         files["alpaca"].append(_write(R / "eval" / name / "alpaca_eval" / "vs-dataset" / "metrics.json", {
             "win_rate": 10 + bonus, "standard_error": 1.5, "n_wins": 1, "n_wins_base": 7, "n_draws": 0,
             "n_total": 8, "discrete_win_rate": 12.5, "length_controlled_winrate": 20 + bonus, "n_missing": 0,
@@ -63,14 +86,20 @@ def run_dir(tmp_path):
     return R, files, sft, dpo, [str(histogram)], bench
 
 
+SETTINGS = {"run": "demo", "seed": 42, "judge": {"type": "local", "model": "smollm2-135m-instruct"},
+            "alpaca_eval": {"reference": ["dataset", "method:self_instruct"]}}
+
+
+def _build(R, files, **extra):
+    build_report(SETTINGS, str(R / "report.md"), str(R / "report.csv"), str(R / "figures"),
+                 alpaca_paths=files["alpaca"], mt_bench_paths=files["mt"], lm_eval_paths=files["lm"],
+                 nll_paths=files["nll"], **extra)
+
+
 def test_report_table_figures_and_costs(run_dir):
     R, files, sft, dpo, histograms, bench = run_dir
-    settings = {"run": "demo", "judge": {"type": "local", "model": "smollm2-135m-instruct"},
-                "alpaca_eval": {"reference": ["dataset", "method:self_instruct"]}}
-    build_report(settings, str(R / "report.md"), str(R / "report.csv"), str(R / "figures"),
-                 alpaca_paths=files["alpaca"], mt_bench_paths=files["mt"], lm_eval_paths=files["lm"],
-                 influence_histogram_paths=histograms, sft_loss_paths=sft, dpo_loss_paths=dpo,
-                 benchmark_paths=bench)
+    _build(R, files, influence_histogram_paths=histograms, sft_loss_paths=sft, dpo_loss_paths=dpo,
+           benchmark_paths=bench)
 
     with open(R / "report.csv") as handle:
         table = list(csv.DictReader(handle))
@@ -88,10 +117,26 @@ def test_report_table_figures_and_costs(run_dir):
     assert table[0]["mt_bench.turn_2"] == ""
     assert float(table[1]["lm_eval.montessori_local_qa.acc"]) == pytest.approx(0.6)
     assert list(table[0])[1] == "alpaca_eval.vs_dataset.win_rate"
+    assert float(table[1]["nll.nll"]) == pytest.approx(2.0) and float(table[1]["nll.nll_low"]) == pytest.approx(1.8)
+    assert float(table[2]["lm_eval.montessori_local_qa.acc_stderr"]) == 0.1
 
     report = (R / "report.md").read_text()
     assert "| montessori-round1 | 12.00 |" in report
     assert "`dataset`, `method:self_instruct`" in report
+    # lm-eval's standard error beside its accuracy, the NLL's bootstrap interval beside it
+    assert "| 0.600 ± 0.100 |" in report and "| 2.00 [1.80, 2.20] |" in report
+    # NLL differences are constant per item: zero-width intervals at that value, distinguishable
+    assert "| nll.nll | montessori-round1 | base | -0.200 | [-0.200, -0.200] | 5 | yes |" in report
+    assert "| nll.nll | self_instruct-round1 | base | -0.100 | [-0.100, -0.100] | 5 | yes |" in report
+    assert "| nll.nll | montessori-round1 | self_instruct-round1 | -0.100 | [-0.100, -0.100] | 5 | yes |" in report
+    # AlpacaEval vs the dataset, per instruction: montessori (0.5 + 5 wins of 8) minus base (no wins)
+    assert "| alpaca_eval.vs_dataset.win_rate | montessori-round1 | base | 68.75 | [" in report
+    # vs the Self-Instruct student: instruction 7 has no preference for the others, so 7 items pair
+    assert "| alpaca_eval.vs_self_instruct.win_rate | montessori-round1 | self_instruct-round1 | " in report
+    assert "| 7 |" in report.split("alpaca_eval.vs_self_instruct.win_rate | montessori-round1 | base")[1].split("\n")[0]
+    # MT-Bench: only turn 1 rated; montessori rates 2 points above base on every question
+    assert "| mt_bench.overall | montessori-round1 | base | 2.00 | [2.00, 2.00] | 6 | yes |" in report
+    assert "distinguishable from zero" in report
     # mean wall of the two warm-up repeats, their peak RSS; an unmeasured RSS shows as n/a
     assert "| warmup | 12.00 | 950.00 | 6.00 |" in report
     assert "| influence.shard-0 | 30.00 | n/a | 15.00 |" in report
@@ -99,6 +144,28 @@ def test_report_table_figures_and_costs(run_dir):
     for name in ("metrics.png", "sft_loss.png", "dpo_loss.png", "influence_round1.png"):
         assert (R / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](figures/{name})" in report
+
+
+def test_report_statistics_are_the_same_on_a_rerun(run_dir):
+    R, files, *_ = run_dir
+    _build(R, files)
+    first = (R / "report.md").read_text()
+    _build(R, files)
+    assert (R / "report.md").read_text() == first
+    # the AlpacaEval intervals are not degenerate: the bootstrap did resample
+    row = next(line for line in first.splitlines()
+               if line.startswith("| alpaca_eval.vs_dataset.win_rate | montessori-round1 | base |"))
+    low, high = (float(x) for x in row.split("[")[1].split("]")[0].split(","))
+    assert low < 68.75 < high
+
+
+def test_report_names_both_files_when_students_scored_different_items(run_dir):
+    R, files, *_ = run_dir
+    items = R / "eval" / "base" / "nll" / "items.jsonl"
+    items.write_text(items.read_text().replace("nll-004", "nll-999"))
+    with pytest.raises(DataError, match=r"montessori-round1/nll/items.jsonl and .*base/nll/items.jsonl: the item ids "
+                                        r"differ"):
+        _build(R, files)
 
 
 def test_report_rejects_a_bad_benchmark_file(tmp_path):

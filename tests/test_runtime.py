@@ -33,6 +33,7 @@ def test_each_stage_gets_the_throughput_settings_it_reads(config):
     assert runtime["influence"] == {"batch_size": config["influence"]["batch_size"],
                                     "gpus_per_shard": config["influence"]["gpus_per_shard"]}
     assert runtime["eval_lm_eval"]["lm_eval"] == {"batch_size": config["evaluation"]["lm_eval"]["batch_size"]}
+    assert runtime["eval_nll"] == {"nll": {"batch_size": config["evaluation"]["nll"]["batch_size"]}}
     assert "warmup" not in runtime and "report" not in runtime
 
 

@@ -39,7 +39,7 @@ RULE_KINDS = {
     "influence shard": {"influence"},
     "training": {"warmup", "dpo_teacher", "sft_student"},
     "evaluation": {"eval_alpaca_generate", "eval_alpaca_judge", "eval_mt_bench_generate", "eval_mt_bench_judge",
-                   "eval_lm_eval"},
+                   "eval_lm_eval", "eval_nll"},
 }
 # Jobs of seconds are `localrules` (rules/common.smk): Snakemake runs them itself, never queued.
 LOCAL_KINDS = {

@@ -39,6 +39,15 @@ def _is_preference(series: pd.Series) -> pd.Series:
     return series.apply(lambda x: (not math.isnan(x)) and 1 <= x <= 2)
 
 
+def win_points(preference) -> float | None:
+    """One annotation's term of the win rate, in points of 100 (their mean is describe_head2head's
+    win_rate): None for a missing or out-of-range preference, the legacy 0 counted as a draw."""
+    if preference is None:
+        return None
+    value = 1.5 if float(preference) == 0.0 else float(preference)
+    return (value - 1.0) * 100.0 if 1.0 <= value <= 2.0 else None
+
+
 def describe_head2head(preferences: Sequence, discrete: bool = False) -> dict:
     """alpaca_eval's head-to-head summary: win rate (%), its standard error, win/loss/draw counts."""
     series = _as_float_series(preferences)
