@@ -40,6 +40,7 @@ STAGES = {
     "eval_mt_bench_generate": "montessori.evaluation.mt_bench:generate_answers",
     "eval_mt_bench_judge": "montessori.evaluation.mt_bench:judge_answers",
     "eval_lm_eval": "montessori.evaluation.lm_eval:run_lm_eval",
+    "analysis_figures": "montessori.figures:draw_analysis_figures",
     "report": "montessori.report:build_report",
 }
 

@@ -93,6 +93,7 @@ localrules:
     merge_influence,
     preference_pairs,
     remove_warmup,
+    analysis_figures,
     report,
 
 

@@ -70,7 +70,7 @@ def test_report_table_figures_and_costs(run_dir):
     build_report(settings, str(R / "report.md"), str(R / "report.csv"), str(R / "figures"),
                  alpaca_paths=files["alpaca"], mt_bench_paths=files["mt"], lm_eval_paths=files["lm"],
                  influence_histogram_paths=histograms, sft_loss_paths=sft, dpo_loss_paths=dpo,
-                 benchmark_paths=bench)
+                 benchmark_paths=bench, analysis_figure_paths=[str(R / "analysis" / "helpful_share.png")])
 
     with open(R / "report.csv") as handle:
         table = list(csv.DictReader(handle))
@@ -99,6 +99,8 @@ def test_report_table_figures_and_costs(run_dir):
     for name in ("metrics.png", "sft_loss.png", "dpo_loss.png", "influence_round1.png"):
         assert (R / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](figures/{name})" in report
+    # the analysis figures stay where their stage drew them
+    assert "![helpful_share](analysis/helpful_share.png)" in report
 
 
 def test_report_rejects_a_bad_benchmark_file(tmp_path):
