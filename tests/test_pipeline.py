@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import re
+import shlex
 
 import pytest
 import yaml
@@ -135,6 +136,24 @@ def test_a_paper_reference_set_is_left_out_of_the_seed_pool_and_alpaca_eval(tmp_
     generate = [line for line in commands if " eval_alpaca_generate " in line]
     assert len(generate) == len(STUDENTS) and all(f"--exclude {reference}" in line for line in generate)
     assert any(" seed_pool " in line and f"--reference {reference}" in line for line in commands)
+
+
+def test_training_jobs_get_the_logging_setting_at_runtime(tmp_path):
+    """logging.report_to reaches every training command through --runtime, never its --settings
+    (the params Snakemake compares)."""
+    workdir = make_workdir(tmp_path / "work")
+    (workdir / "logging.yaml").write_text(yaml.safe_dump({"logging": {"report_to": "tensorboard"}}))
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run", "--printshellcmds",
+                        "--configfile", "config.yaml", "logging.yaml")
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    commands = [line for line in dry.stdout.splitlines() if "python -m montessori" in line]
+    training = [line for line in commands if re.search(r" -m montessori (warmup|sft_student|dpo_teacher) ", line)]
+    assert len(training) == 2 + len(load_config(ROOT / "config.yaml")["methods"])
+    for line in training:
+        words = shlex.split(line)
+        assert "report_to" not in words[words.index("--settings") + 1]
+        assert json.loads(words[words.index("--runtime") + 1]) == {"logging": {"report_to": "tensorboard"}}
+    assert not [line for line in commands if "report_to" in line and line not in training]
 
 
 @pytest.mark.slow
@@ -295,6 +314,7 @@ THROUGHPUT_CHANGES = {
     "influence": {"batch_size": 3, "gpus_per_shard": 2},
     "evaluation": {"lm_eval": {"batch_size": 1}},
     "compute": {"gpus": 1, "training_gpus": 1, "threads": 2},
+    "logging": {"report_to": "tensorboard"},
 }
 
 
