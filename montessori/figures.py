@@ -26,6 +26,10 @@ from .errors import DataError
 from .io import atomic_path, iter_jsonl_numbered, read_json, write_json_atomic
 
 INFLUENCE_SCORES = ("influence", "influence_vs_momentum")
+SCORE_AXIS_LABELS = {
+    "influence": "influence: reference-loss change (< 0 helpful)",
+    "influence_vs_momentum": "influence_vs_momentum: vs the momentum-only step (< 0 helpful)",
+}
 REWARD_KEYS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
 # z of a two-sided 95% normal interval
 Z_95 = 1.959963984540054
@@ -189,7 +193,7 @@ def plot_influence_distributions(scores: dict[int, dict[str, list[float]]], out:
             ax.hist(by_score[key], bins=bins, histtype="step", linewidth=1.5, density=True,
                     label=f"round {k} (n={len(by_score[key])})")
         ax.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xlabel(f"{key} (reference-loss change; < 0 helpful)")
+        ax.set_xlabel(SCORE_AXIS_LABELS[key])
         ax.set_ylabel("density")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -52,6 +52,7 @@ def test_defaults_fill_missing_sections():
         ({"evaluation": {"alpaca_eval": {"reference": []}}}, "'evaluation.alpaca_eval.reference'"),
         ({"influence": {"reference": {"kind": "paper"}}}, "'influence.reference.allow_eval_contamination'"),
         ({"influence": {"reference": {"kind": "original"}}}, "'influence.reference.kind'"),
+        ({"logging": {"report_to": "mlflow"}}, "'logging.report_to'"),
     ],
 )
 def test_bad_values_name_the_key(shipped, override, key):
