@@ -14,6 +14,10 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# `snakemake --report report.html`: this page, then every output declared with report(...).
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/synthesis.smk"
@@ -21,6 +25,7 @@ include: "rules/influence.smk"
 include: "rules/training.smk"
 include: "rules/evaluation.smk"
 include: "rules/methods.smk"
+include: "rules/figures.smk"
 include: "rules/report.smk"
 
 

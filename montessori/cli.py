@@ -42,6 +42,7 @@ STAGES = {
     "eval_mt_bench_judge": "montessori.evaluation.mt_bench:judge_answers",
     "eval_lm_eval": "montessori.evaluation.lm_eval:run_lm_eval",
     "eval_nll": "montessori.evaluation.nll:evaluate_nll",
+    "analysis_figures": "montessori.figures:draw_analysis_figures",
     "report": "montessori.report:build_report",
 }
 

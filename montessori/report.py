@@ -383,8 +383,9 @@ def build_report(settings: dict, out_md: str, out_csv: str, figures: str, alpaca
                  mt_bench_paths: list[str] = (), lm_eval_paths: list[str] = (), nll_paths: list[str] = (),
                  influence_histogram_paths: list[str] = (), sft_loss_paths: list[str] = (),
                  dpo_loss_paths: list[str] = (), benchmark_paths: list[str] = (),
-                 alpaca_selection: str | None = None) -> None:
-    """Stage `report`: report.md, report.csv and figures/*.png for the run.
+                 alpaca_selection: str | None = None, analysis_figure_paths: list[str] = ()) -> None:
+    """Stage `report`: report.md, report.csv and figures/*.png for the run, with links to the
+    analysis figures.
 
     settings: {"run": run name, "seed": the config seed (seeds every bootstrap), "judge": the
                evaluation judge section (named in the report), "alpaca_eval": {"reference": one or a list}}
@@ -428,6 +429,9 @@ def build_report(settings: dict, out_md: str, out_csv: str, figures: str, alpaca
         with atomic_path(figures_dir / name) as tmp:
             shutil.copyfile(path, tmp)
         link(f"influence {_round_label(path)}", name)
+    # drawn by the analysis_figures stage (figures.py): linked where they lie
+    for path in analysis_figure_paths:
+        figure_lines.append(f"![{Path(path).stem}]({os.path.relpath(path, Path(out_md).parent)})")
 
     run = settings.get("run", "run")
     judge = settings.get("judge", {})

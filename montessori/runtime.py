@@ -22,7 +22,12 @@ THROUGHPUT_KEYS: dict[str, tuple[str, ...]] = {
     "evaluation.lm_eval": ("batch_size",),
     # the NLL's forward batch: each record's loss is summed on its own (evaluation/nll.py)
     "evaluation.nll": ("batch_size",),
+    # where the training stages also send their logs (TensorBoard, W&B): never what they write
+    "logging": ("report_to",),
 }
+
+# Stages that train with a transformers/TRL trainer: they read `logging`.
+TRAINING_STAGES = ("warmup", "sft_student", "dpo_teacher")
 
 # Stages whose model generates through montessori.generation: the generator's batch and vLLM's
 # memory share come from the synthesis section.
@@ -66,6 +71,8 @@ def runtime_settings(config: dict) -> dict[str, dict]:
     for stage in ("synth_instructions", "synth_responses"):
         stages[stage]["api_concurrency"] = synthesis["api_concurrency"]
     stages["influence"] = {key: config["influence"][key] for key in influence_throughput_keys(config)}
+    for stage in TRAINING_STAGES:
+        stages[stage] = {"logging": {"report_to": config["logging"]["report_to"]}}
     stages["eval_lm_eval"] = {
         "gpu_memory_utilization": synthesis["gpu_memory_utilization"],
         "lm_eval": {"batch_size": config["evaluation"]["lm_eval"]["batch_size"]},

@@ -22,6 +22,7 @@ the model is completely saved before the card announces it.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -104,6 +105,29 @@ def _mixed_precision() -> dict:
     return {"bf16": bf16, "fp16": False, "use_cpu": not torch.cuda.is_available()}
 
 
+# config `logging.report_to` -> the packages transformers' callback for it can use (any one).
+REPORTING_PACKAGES = {"none": (), "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def _installed(packages: tuple[str, ...]) -> bool:
+    return any(importlib.util.find_spec(package) is not None for package in packages)
+
+
+def _report_to(settings: dict) -> str:
+    """Where the trainer also sends its logs (config `logging.report_to`, a runtime setting: the
+    loss records and models do not depend on it). Optional packages, never needed offline: a
+    missing one is named with the key before any model is loaded."""
+    report_to = settings.get("logging", {}).get("report_to", "none")
+    if report_to not in REPORTING_PACKAGES:
+        raise ConfigError(f"config key 'logging.report_to' must be one of {', '.join(REPORTING_PACKAGES)}, "
+                          f"got {report_to!r}")
+    packages = REPORTING_PACKAGES[report_to]
+    if packages and not _installed(packages):
+        raise ConfigError(f"config key 'logging.report_to' is {report_to}, but {' or '.join(packages)} is not "
+                          f"installed in the training environment: install it, or set the key to none")
+    return report_to
+
+
 def _trainer_args(settings: dict, section: str, out_dir: Path, seed: int) -> dict:
     save_steps = settings.get("save_steps")
     if save_steps is not None:
@@ -127,7 +151,8 @@ def _trainer_args(settings: dict, section: str, out_dir: Path, seed: int) -> dic
         "save_strategy": "steps" if save_steps else "no",
         "save_steps": save_steps or 500,
         "save_total_limit": 2,
-        "report_to": "none",
+        # tensorboard writes under out_dir/runs/
+        "report_to": _report_to(settings),
         "seed": seed,
         "dataloader_num_workers": 0,
         **_mixed_precision(),
@@ -154,8 +179,14 @@ def _model_identity(model: str) -> list:
     return [str(directory.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+# Runtime settings the CLI merges in (montessori/runtime.py): they do not change the training, so
+# checkpoints written under other values are resumed.
+RUNTIME_SECTIONS = ("logging",)
+
+
 def _fingerprint(stage: str, settings: dict, model: str, data: str | os.PathLike) -> str:
-    text = json.dumps({"stage": stage, "settings": settings, "model": _model_identity(model),
+    result_settings = {key: value for key, value in settings.items() if key not in RUNTIME_SECTIONS}
+    text = json.dumps({"stage": stage, "settings": result_settings, "model": _model_identity(model),
                        "data": _file_digest(data)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

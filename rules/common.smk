@@ -99,6 +99,7 @@ localrules:
     merge_influence,
     preference_pairs,
     remove_warmup,
+    analysis_figures,
     report,
 
 

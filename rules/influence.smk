@@ -94,7 +94,8 @@ rule merge_influence:
     output:
         scores=f"{R}/round{{k}}/influence/influence.jsonl",
         summary=f"{R}/round{{k}}/influence/summary.json",
-        histogram=report(f"{R}/round{{k}}/influence/histogram.png", category="Influence", labels={"round": "{k}"}),
+        histogram=report(f"{R}/round{{k}}/influence/histogram.png", caption="../report/influence_histogram.rst",
+                         category="Influence", labels={"round": "{k}"}),
     params:
         settings=settings(),
     log:

@@ -38,12 +38,14 @@ rule report:
         influence=report_inputs("influence"),
         dpo_loss=report_inputs("dpo_loss"),
         sft_loss=report_inputs("sft_loss"),
+        analysis=analysis_figure_paths(),
         # Every student is evaluated on the same instructions: the untrained one's record says which.
         alpaca_selection=f"{R}/eval/base/alpaca_eval/selection.json",
     output:
         md=REPORT,
-        csv=report(f"{R}/report.csv", category="Results"),
-        figures=report(directory(f"{R}/figures"), patterns=["{name}.png"], category="Figures"),
+        csv=report(f"{R}/report.csv", caption="../report/results.rst", category="Results"),
+        figures=report(directory(f"{R}/figures"), patterns=["{name}.png"], caption="../report/report_figures.rst",
+                       category="Figures"),
     params:
         settings=settings(
             run=config["run"],
@@ -72,5 +74,6 @@ rule report:
         + " --alpaca-paths {input.alpaca} --mt-bench-paths {input.mt_bench} --lm-eval-paths {input.lm_eval}"
         + " --nll-paths {input.nll}"
         + " --sft-loss-paths {input.sft_loss} {params.influence} {params.dpo_loss}"
+        + " --analysis-figure-paths {input.analysis}"
         + " --alpaca-selection {input.alpaca_selection}"
         + " --benchmark-paths $(find {params.benchmarks} -name '*.tsv' ! -name report.tsv | sort) > {log} 2>&1"

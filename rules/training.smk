@@ -42,7 +42,8 @@ rule dpo_teacher:
     output:
         done=f"{R}/round{{k}}/teacher.done",
         loss_json=f"{R}/round{{k}}/teacher_loss.json",
-        loss_png=report(f"{R}/round{{k}}/teacher_loss.png", category="Training", labels={"model": "teacher DPO", "round": "{k}"}),
+        loss_png=report(f"{R}/round{{k}}/teacher_loss.png", caption="../report/teacher_loss.rst", category="Training",
+                        labels={"model": "teacher DPO", "round": "{k}"}),
     params:
         out_dir=f"{R}/round{{k}}/teacher",
         settings=settings(**config["dpo"], seed=config["seed"]),
@@ -72,7 +73,8 @@ rule sft_student:
     output:
         done=f"{R}/round{{k}}/{{method}}/student.done",
         loss_json=f"{R}/round{{k}}/{{method}}/student_loss.json",
-        loss_png=report(f"{R}/round{{k}}/{{method}}/student_loss.png", category="Training", labels={"model": "{method} student SFT", "round": "{k}"}),
+        loss_png=report(f"{R}/round{{k}}/{{method}}/student_loss.png", caption="../report/student_loss.rst",
+                        category="Training", labels={"model": "{method} student SFT", "round": "{k}"}),
     params:
         out_dir=f"{R}/round{{k}}/{{method}}/student",
         settings=settings(**config["sft"], seed=config["seed"], chat_template=config["models"]["chat_template"]),

@@ -1,7 +1,7 @@
 """Run the Snakemake pipeline as a user does, in a throwaway copy of the workflow, and read what it did.
 
 Each run gets its own working directory holding symlinks to the workflow (Snakefile, rules, schemas,
-config.yaml, data, envs, profiles, tests/configs) and to `resources/models`, so that runs do not
+config.yaml, data, envs, profiles, report, tests/configs) and to `resources/models`, so that runs do not
 share `results/` or Snakemake's lock, the config's relative paths (`data/seeds.jsonl`) resolve as in
 a clone, and the embedded model is converted once per machine, not once per run.
 
@@ -34,7 +34,7 @@ import yaml
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_ITEMS = ("Snakefile", "rules", "schemas", "config.yaml", "data", "envs", "profiles")
+WORKFLOW_ITEMS = ("Snakefile", "rules", "schemas", "config.yaml", "data", "envs", "profiles", "report")
 TINY_CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"
 # Later config files win: the tiny config is merged over the shipped one.
 TINY = ("--configfile", "config.yaml", "tests/configs/tiny.yaml")

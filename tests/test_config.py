@@ -63,6 +63,7 @@ def test_defaults_fill_missing_sections():
         ({"transfer_students": [{"name": "nomodel"}]}, "'transfer_students.0'"),
         ({"evaluation": {"nll": {"max_length": 8}}}, "'evaluation.nll.max_length'"),
         ({"evaluation": {"nll": {"limit": 0}}}, "'evaluation.nll.limit'"),
+        ({"logging": {"report_to": "mlflow"}}, "'logging.report_to'"),
     ],
 )
 def test_bad_values_name_the_key(shipped, override, key):

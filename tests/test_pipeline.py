@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
+import re
+import shlex
 
 import pytest
 import yaml
@@ -44,7 +47,7 @@ def expected_job_counts(config: dict) -> dict[str, int]:
         "synth_responses": sets * synth_shards, "merge_responses": sets,
         "split_probes": rounds, "warmup": rounds, "influence": rounds * config["influence"]["shards"],
         "merge_influence": rounds, "preference_pairs": rounds, "dpo_teacher": rounds,
-        "sft_student": rounds * len(methods), "report": 1, "all": 1,
+        "sft_student": rounds * len(methods), "analysis_figures": 1, "report": 1, "all": 1,
     }
     if not config["storage"]["keep"]["warmup"]:
         counts["remove_warmup"] = rounds
@@ -88,7 +91,7 @@ def test_dry_run_draws_the_whole_dag(tmp_path):
 
 
 SMALL_JOBS = {"seed_pool", "reference_set", "merge_instructions", "merge_responses", "split_probes",
-              "merge_influence", "preference_pairs", "remove_warmup", "report"}
+              "merge_influence", "preference_pairs", "remove_warmup", "analysis_figures", "report"}
 
 
 def test_small_jobs_are_local_rules(tmp_path):
@@ -154,6 +157,24 @@ def test_a_paper_reference_set_is_left_out_of_the_seed_pool_and_alpaca_eval(tmp_
     assert any(" seed_pool " in line and f"--reference {reference}" in line for line in commands)
 
 
+def test_training_jobs_get_the_logging_setting_at_runtime(tmp_path):
+    """logging.report_to reaches every training command through --runtime, never its --settings
+    (the params Snakemake compares)."""
+    workdir = make_workdir(tmp_path / "work")
+    (workdir / "logging.yaml").write_text(yaml.safe_dump({"logging": {"report_to": "tensorboard"}}))
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "--dry-run", "--printshellcmds",
+                        "--configfile", "config.yaml", "logging.yaml")
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    commands = [line for line in dry.stdout.splitlines() if "python -m montessori" in line]
+    training = [line for line in commands if re.search(r" -m montessori (warmup|sft_student|dpo_teacher) ", line)]
+    assert len(training) == 2 + len(load_config(ROOT / "config.yaml")["methods"])
+    for line in training:
+        words = shlex.split(line)
+        assert "report_to" not in words[words.index("--settings") + 1]
+        assert json.loads(words[words.index("--runtime") + 1]) == {"logging": {"report_to": "tensorboard"}}
+    assert not [line for line in commands if "report_to" in line and line not in training]
+
+
 @pytest.mark.slow
 def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):
     results = finished_tiny_run.results
@@ -175,6 +196,45 @@ def test_report_has_a_row_per_student_and_every_benchmark(finished_tiny_run):
     for student in STUDENTS:
         assert f"\n| {student} |" in report
     assert list((results / "figures").glob("*.png")), "the report draws figures"
+
+
+ANALYSIS_FIGURES = ("influence.png", "helpful_share.png", "lengths.png", "dpo_rewards.png")
+
+
+@pytest.mark.slow
+def test_the_analysis_figures_are_drawn_from_the_run(finished_tiny_run):
+    analysis = finished_tiny_run.results / "analysis"
+    for name in ANALYSIS_FIGURES:
+        assert (analysis / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    numbers = json.loads((analysis / "numbers.json").read_text())
+    probing = read_jsonl(finished_tiny_run.results / "round1/probes/probing.jsonl")
+    assert {row["n"] for row in numbers["helpful_share"]} == {len(probing)}
+    assert {row["set"] for row in numbers["lengths_words"]} == {"probes", "montessori", "self_instruct"}
+    assert set(numbers["dpo_rewards_last_step"]) == {"1"}
+    report = (finished_tiny_run.results / "report.md").read_text()
+    for name in ANALYSIS_FIGURES:
+        assert f"](analysis/{name})" in report
+
+
+@pytest.mark.slow
+def test_the_html_report_is_self_contained_with_every_figure(tiny_run_copy):
+    """`snakemake --report report.html` on a finished run: one file, nothing fetched from elsewhere,
+    every figure and the results table in it with its caption, and the workflow description."""
+    workdir = tiny_run_copy.workdir
+    run = run_snakemake(workdir, *TINY, "--report", "report.html", timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:]
+    html = (workdir / "report.html").read_text(encoding="utf-8")
+    assert not re.search(r"""<(script|link|img)\b[^>]*\b(src|href)=["']?(https?:)?//""", html), \
+        "the report loads something from the network"
+    # every figure and the table embedded as a data URI (Snakemake's: data:<mime>;charset=..;filename=..;base64,)
+    for name in (*ANALYSIS_FIGURES, "report.csv", "metrics.png", "teacher_loss.png", "student_loss.png",
+                 "histogram.png"):
+        assert re.search(rf"data:[^,\"]*;filename={re.escape(name)};base64,", html), name
+    # captions (report/*.rst) and the workflow description (report/workflow.rst)
+    for phrase in ("per round and score, with a Wilson 95%", "the reward accuracy, the share of pairs with a positive",
+                   "lengths in words (whitespace-separated)", "The results table: one row per student",
+                   "Montessori-Instruct: run"):
+        assert phrase in html, phrase
 
 
 @pytest.mark.slow
@@ -219,11 +279,13 @@ def eval_jobs(config: dict, students: list[str]) -> list[tuple[str, dict]]:
 
 def expected_after_student_swap(config: dict) -> set:
     """Everything downstream of the student: its warm-up and influence, the pairs and the teacher's
-    DPO they feed, the DPO'd teacher's training set, every SFT, every evaluation, the report."""
+    DPO they feed, the DPO'd teacher's training set, every SFT, every evaluation, the analysis
+    figures (influence, DPO rewards, that training set's lengths) and the report."""
     k = {"k": "1"}
     trained_set = "montessori/train"
     jobs = [("prepare_model", {"role": "student"}), ("warmup", k), ("merge_influence", k),
-            ("preference_pairs", k), ("dpo_teacher", k), ("report", {}), ("all", {}), ("remove_warmup", k),
+            ("preference_pairs", k), ("dpo_teacher", k), ("analysis_figures", {}), ("report", {}), ("all", {}),
+            ("remove_warmup", k),
             ("merge_instructions", k | {"set": trained_set}), ("merge_responses", k | {"set": trained_set})]
     jobs += [("influence", k | {"shard": str(s)}) for s in range(config["influence"]["shards"])]
     jobs += [(rule, k | {"set": trained_set, "shard": str(s)})
@@ -272,6 +334,7 @@ THROUGHPUT_CHANGES = {
     "influence": {"batch_size": 3, "gpus_per_shard": 2},
     "evaluation": {"lm_eval": {"batch_size": 1}, "nll": {"batch_size": 3}},
     "compute": {"gpus": 1, "training_gpus": 1, "threads": 2},
+    "logging": {"report_to": "tensorboard"},
 }
 
 
@@ -283,11 +346,13 @@ def test_changing_throughput_settings_plans_nothing(finished_tiny_run, tmp_path)
 
 def expected_after_pairs_change(config: dict) -> set:
     """pairs.min_margin: the pairs, the teacher's DPO on them, its training set, the montessori
-    student and its evaluations, the report. Not the probes, the influence or the baseline."""
+    student and its evaluations, the analysis figures, the report. Not the probes, the influence or
+    the baseline."""
     k = {"k": "1"}
     trained = k | {"set": "montessori/train"}
     jobs = [("preference_pairs", k), ("dpo_teacher", k), ("merge_instructions", trained),
-            ("merge_responses", trained), ("sft_student", k | {"method": "montessori"}), ("report", {}), ("all", {})]
+            ("merge_responses", trained), ("sft_student", k | {"method": "montessori"}), ("analysis_figures", {}),
+            ("report", {}), ("all", {})]
     jobs += [(rule, trained | {"shard": str(s)}) for rule in ("synth_instructions", "synth_responses") for s in (0, 1)]
     jobs += eval_jobs(config, ["montessori-round1"])
     return {(rule, tuple(sorted(wildcards.items()))) for rule, wildcards in jobs}

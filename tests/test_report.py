@@ -99,7 +99,7 @@ def _build(R, files, **extra):
 def test_report_table_figures_and_costs(run_dir):
     R, files, sft, dpo, histograms, bench = run_dir
     _build(R, files, influence_histogram_paths=histograms, sft_loss_paths=sft, dpo_loss_paths=dpo,
-           benchmark_paths=bench)
+           benchmark_paths=bench, analysis_figure_paths=[str(R / "analysis" / "helpful_share.png")])
 
     with open(R / "report.csv") as handle:
         table = list(csv.DictReader(handle))
@@ -144,6 +144,8 @@ def test_report_table_figures_and_costs(run_dir):
     for name in ("metrics.png", "sft_loss.png", "dpo_loss.png", "influence_round1.png"):
         assert (R / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](figures/{name})" in report
+    # the analysis figures stay where their stage drew them
+    assert "![helpful_share](analysis/helpful_share.png)" in report
 
 
 def test_report_statistics_are_the_same_on_a_rerun(run_dir):

@@ -34,7 +34,20 @@ def test_each_stage_gets_the_throughput_settings_it_reads(config):
                                     "gpus_per_shard": config["influence"]["gpus_per_shard"]}
     assert runtime["eval_lm_eval"]["lm_eval"] == {"batch_size": config["evaluation"]["lm_eval"]["batch_size"]}
     assert runtime["eval_nll"] == {"nll": {"batch_size": config["evaluation"]["nll"]["batch_size"]}}
-    assert "warmup" not in runtime and "report" not in runtime
+    for stage in ("warmup", "sft_student", "dpo_teacher"):
+        assert runtime[stage] == {"logging": {"report_to": config["logging"]["report_to"]}}, stage
+    assert "report" not in runtime and "analysis_figures" not in runtime
+
+
+def test_training_logging_is_runtime_not_a_result(config):
+    """logging.report_to changes where the trainers also send their logs, not what they write:
+    it reaches the training stages through --runtime, and no stage's --settings."""
+    config["logging"]["report_to"] = "tensorboard"
+    assert result_section(config, "logging") == {}
+    assert runtime_settings(config)["dpo_teacher"]["logging"] == {"report_to": "tensorboard"}
+    _, settings, _ = parse_args(["dpo_teacher", "--settings", '{"beta": 0.1, "seed": 42}',
+                                 "--runtime", '{"logging": {"report_to": "tensorboard"}}'])
+    assert settings == {"beta": 0.1, "seed": 42, "logging": {"report_to": "tensorboard"}}
 
 
 def test_a_per_batch_mean_makes_the_influence_batch_result_bearing(config):

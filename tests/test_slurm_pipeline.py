@@ -44,7 +44,7 @@ RULE_KINDS = {
 # Jobs of seconds are `localrules` (rules/common.smk): Snakemake runs them itself, never queued.
 LOCAL_KINDS = {
     "merge": {"merge_instructions", "merge_responses", "merge_influence"},
-    "report": {"report"},
+    "report": {"analysis_figures", "report"},
 }
 RUN_TIMEOUT = 2400
 MB_PER_UNIT = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}

@@ -10,7 +10,8 @@ import torch
 
 from montessori import training
 from montessori.chat import IGNORE_INDEX, chat_completion_text, chat_prompt, encode_pair
-from montessori.errors import DataError, ModelError
+from montessori.errors import ConfigError, DataError, ModelError
+from montessori.figures import REWARD_KEYS
 from montessori.io import read_json, write_json_atomic, write_jsonl_atomic
 from montessori.models import load_tokenizer, write_model_card
 from state_helpers import load_adamw_state
@@ -144,6 +145,10 @@ def test_checkpoints_from_other_settings_are_never_resumed(tmp_path):
     (model_dir / "model.safetensors").write_bytes(b"round 2, retrained")
     assert training._fingerprint("sft", {"lr": 1e-5}, str(model_dir), data) != first
 
+    # Where the trainer also sends its logs is a runtime setting: the same run, its checkpoints resumed.
+    assert training._fingerprint("sft", {"lr": 1e-5, "logging": {"report_to": "wandb"}}, str(model_dir), data) == \
+        training._fingerprint("sft", {"lr": 1e-5}, str(model_dir), data)
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not ours")
@@ -172,6 +177,35 @@ def test_warmup_saves_fp32_weights_and_adamw_moments(tmp_path, student, data, ti
     before = weights(tiny_model_dir)
     assert any(not torch.equal(before[name], tensor) for name, tensor in weights(out_dir).items())
     assert load_tokenizer(str(out_dir)).chat_template == load_tokenizer(tiny_model_dir).chat_template
+
+
+def test_logging_report_to_reaches_the_trainer(tmp_path, student, data, monkeypatch):
+    """config logging.report_to becomes the trainer's report_to; a reporting package that is not
+    installed is a ConfigError naming the key (never needed offline: the default is none)."""
+    from montessori.models import model_path
+
+    path = model_path(student)
+    tokenizer = load_tokenizer(path)
+
+    def build(report_to: str):
+        return training.build_sft_trainer("sft", "sft", sft_settings(logging={"report_to": report_to}), path,
+                                          tokenizer, str(data), tmp_path / report_to, "wsd")
+
+    assert build("none").args.report_to == []
+    if training._installed(training.REPORTING_PACKAGES["tensorboard"]):
+        trainer = build("tensorboard")
+        assert trainer.args.report_to == ["tensorboard"]
+        assert "TensorBoardCallback" in {type(callback).__name__ for callback in trainer.callback_handler.callbacks}
+    else:
+        with pytest.raises(ConfigError, match=r"'logging.report_to' is tensorboard, but tensorboard or tensorboardX"):
+            build("tensorboard")
+    # installed or not, the value is what the trainer's arguments are built with
+    monkeypatch.setattr(training, "_installed", lambda packages: True)
+    for report_to in ("tensorboard", "wandb"):
+        args = training._trainer_args(sft_settings(logging={"report_to": report_to}), "sft", tmp_path, 0)
+        assert args["report_to"] == report_to
+    with pytest.raises(ConfigError, match="'logging.report_to' must be one of none, tensorboard, wandb"):
+        training._trainer_args(sft_settings(logging={"report_to": "mlflow"}), "sft", tmp_path, 0)
 
 
 def test_base_student_needs_and_gets_the_configured_template(tmp_path, tiny_model_dir, data):
@@ -266,7 +300,8 @@ def test_dpo_trains_the_teacher_end_to_end(tmp_path, bos_teacher):
     loss = read_json(tmp_path / "dpo.loss.json")
     assert loss["steps"] == 2 and len(loss["history"]) == 2
     assert loss["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)    # policy == reference at step 1
-    assert "rewards/margins" in loss["history"][0]
+    # every step's DPO rewards, which the analysis figure of the teacher's rewards reads
+    assert all(key in entry for entry in loss["history"] for key in REWARD_KEYS)
     after = weights(out_dir)
     assert any(not torch.equal(before[name], after[name]) for name in before)
     assert all(t.dtype == torch.float32 for t in after.values())
