@@ -266,16 +266,17 @@ def draw_analysis_figures(settings: dict, set_paths: list[str], lengths_png: str
                           influence_paths: list[str] = (), teacher_loss_paths: list[str] = (),
                           influence_png: str | None = None, helpful_share_png: str | None = None,
                           dpo_rewards_png: str | None = None) -> None:
-    """Stage `analysis_figures`: the length figure always; with the montessori method (influence and
-    the teacher's DPO), the influence, helpful-share and DPO-reward figures. settings: {} (none)."""
+    """Stage `analysis_figures`: the length figure always; with the montessori method the teacher's
+    DPO rewards, and the influence and helpful-share figures when the pairs come from influence
+    (`pairs.signal` influence or loss; the judge signal computes none). settings: {} (none)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    montessori_outputs = (influence_png, helpful_share_png, dpo_rewards_png)
-    if bool(influence_paths) != bool(teacher_loss_paths) or any(
-            (out is None) == bool(influence_paths) for out in montessori_outputs):
-        raise DataError("analysis_figures: influence paths, teacher loss paths and the influence, helpful-share "
-                        "and DPO-reward figures come together (the montessori method) or not at all")
+    if any((out is None) == bool(influence_paths) for out in (influence_png, helpful_share_png)):
+        raise DataError("analysis_figures: influence paths and the influence and helpful-share figures "
+                        "come together or not at all")
+    if (dpo_rewards_png is None) == bool(teacher_loss_paths):
+        raise DataError("analysis_figures: teacher loss paths and the DPO-reward figure come together or not at all")
     if not set_paths:
         raise DataError("analysis_figures: no synthesized sets were given (set_paths)")
 
@@ -287,9 +288,10 @@ def draw_analysis_figures(settings: dict, set_paths: list[str], lengths_png: str
         shares = helpful_shares(scores)
         plot_influence_distributions(scores, influence_png)
         plot_helpful_shares(shares, helpful_share_png)
+        record["helpful_share"] = shares
+    if teacher_loss_paths:
         curves = dpo_reward_curves(list(teacher_loss_paths))
         plot_dpo_rewards(curves, dpo_rewards_png)
-        record["helpful_share"] = shares
         record["dpo_rewards_last_step"] = {
             str(k): {"step": curve["step"][-1], **{key: curve[key][-1] for key in REWARD_KEYS}}
             for k, curve in curves.items()}

@@ -1,9 +1,11 @@
 # The paper's analysis figures (montessori/figures.py), from files the earlier stages write:
 # influence per round, the share of helpful probes, lengths of the synthesized sets, the
-# teacher's DPO rewards. Influence and DPO exist only with the montessori method.
+# teacher's DPO rewards. DPO exists only with the montessori method, influence only when its
+# pairs come from influence (pairs.signal influence or loss).
 
 ANALYSIS = f"{R}/analysis"
 TEACHER_LEARNS = "montessori" in METHODS
+INFLUENCE_SCORED = TEACHER_LEARNS and PAIRS_FROM_INFLUENCE
 
 
 def analysis_figure_outputs() -> dict:
@@ -13,12 +15,13 @@ def analysis_figure_outputs() -> dict:
                       labels={"figure": title})
 
     outputs = {"lengths": figure("lengths", "instruction and response lengths")}
-    if TEACHER_LEARNS:
+    if INFLUENCE_SCORED:
         outputs |= {
             "influence": figure("influence", "influence per round"),
             "helpful_share": figure("helpful_share", "helpful probes per round"),
-            "dpo_rewards": figure("dpo_rewards", "teacher DPO rewards"),
         }
+    if TEACHER_LEARNS:
+        outputs["dpo_rewards"] = figure("dpo_rewards", "teacher DPO rewards")
     return outputs
 
 
@@ -36,7 +39,7 @@ def synthesized_sets() -> list[str]:
 rule analysis_figures:
     input:
         sets=synthesized_sets(),
-        influence=[f"{R}/round{k}/influence/influence.jsonl" for k in ROUNDS] if TEACHER_LEARNS else [],
+        influence=[f"{R}/round{k}/influence/influence.jsonl" for k in ROUNDS] if INFLUENCE_SCORED else [],
         teacher_loss=[f"{R}/round{k}/teacher_loss.json" for k in ROUNDS] if TEACHER_LEARNS else [],
     output:
         numbers=f"{ANALYSIS}/numbers.json",
@@ -57,7 +60,8 @@ rule analysis_figures:
     shell:
         montessori("analysis_figures")
         + " --set-paths {input.sets} --lengths-png {output.lengths} --numbers {output.numbers}"
-        + (" --influence-paths {input.influence} --teacher-loss-paths {input.teacher_loss}"
-           " --influence-png {output.influence} --helpful-share-png {output.helpful_share}"
-           " --dpo-rewards-png {output.dpo_rewards}" if TEACHER_LEARNS else "")
+        + (" --influence-paths {input.influence} --influence-png {output.influence}"
+           " --helpful-share-png {output.helpful_share}" if INFLUENCE_SCORED else "")
+        + (" --teacher-loss-paths {input.teacher_loss} --dpo-rewards-png {output.dpo_rewards}"
+           if TEACHER_LEARNS else "")
         + " > {log} 2>&1"

@@ -182,3 +182,17 @@ def test_without_the_montessori_method_only_lengths_are_drawn(tmp_path):
     with pytest.raises(DataError, match="together"):
         draw_analysis_figures({}, set_paths=trained, lengths_png=str(out / "lengths.png"),
                               numbers=str(out / "n.json"), influence_paths=write_influence(results))
+
+
+def test_with_the_judge_signal_the_dpo_rewards_are_drawn_without_influence(tmp_path):
+    """pairs.signal judge: the teacher learns (DPO rewards) but no influence is scored."""
+    results = tmp_path / "results"
+    out = tmp_path / "analysis"
+    draw_analysis_figures({}, set_paths=write_sets(results), lengths_png=str(out / "lengths.png"),
+                          numbers=str(out / "n.json"), teacher_loss_paths=write_teacher_losses(results),
+                          dpo_rewards_png=str(out / "rewards.png"))
+    assert sorted(p.name for p in out.iterdir()) == ["lengths.png", "n.json", "rewards.png"]
+    assert set(read_json(out / "n.json")) == {"lengths_words", "dpo_rewards_last_step"}
+    with pytest.raises(DataError, match="together"):
+        draw_analysis_figures({}, set_paths=write_sets(results), lengths_png=str(out / "lengths.png"),
+                              numbers=str(out / "n.json"), teacher_loss_paths=write_teacher_losses(results))
