@@ -18,13 +18,11 @@ import hashlib
 import json
 import logging
 
-from tqdm import tqdm
-
 from .data import load_rows
 from .errors import ConfigError, DataError
 from .evaluation.judges import MISSING_RATING
-from .evaluation.mt_bench import judge_user_prompt, make_rating_judge, rating_judge_identity
-from .io import ShardWriter, read_jsonl, write_jsonl_atomic
+from .evaluation.mt_bench import judge_user_prompt, rate_with_cache, rating_judge_identity
+from .io import read_jsonl, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +56,9 @@ def judge_probes(settings: dict, probing: str, out: str, cache: str, judge: str 
     for record in records:
         user = judge_user_prompt(template, {"turns": [record["instruction"]]}, [record["response"]], None, 1)
         key = hashlib.sha256(json.dumps([identity, template["system_prompt"], user]).encode()).hexdigest()
-        tasks.append({"record": record, "user": user, "key": key})
+        tasks.append({"record": record, "template": template, "user": user, "key": key})
 
-    with ShardWriter(cache, id_key="key") as cached:
-        results = {entry["key"]: entry for entry in cached.records}
-        todo = [task for task in tasks if task["key"] not in results]
-        log.info("probe judge: %d probes, %d from the cache %s", len(tasks), len(tasks) - len(todo), cache)
-        if todo:
-            rating_judge, step = make_rating_judge(settings, judge)
-            for start in tqdm(range(0, len(todo), step), desc="probe judge", unit="batch"):
-                batch = todo[start:start + step]
-                rated = rating_judge.rate([(template["system_prompt"], task["user"]) for task in batch])
-                for task, result in zip(batch, rated):
-                    entry = {"key": task["key"], "judgment": result["judgment"], "score": result["score"]}
-                    cached.append(entry)
-                    results[task["key"]] = entry
+    results = rate_with_cache(tasks, cache, settings, judge, "probe judge")
 
     scored = []
     for task in tasks:

@@ -209,14 +209,19 @@ def test_local_qa_is_balanced_four_way_multiple_choice(local_qa):
     _assert_no_exact_duplicates([row["question"] for row in local_qa], "lm_eval/local_qa.jsonl")
 
 
+def _assert_held_out(rows: list[dict], others: list[str], what: str) -> None:
+    """No row's instruction equals (normalized) or nearly equals (word Jaccard) one of `others`."""
+    others_exact = {_normalized(t) for t in others}
+    for row in rows:
+        assert _normalized(row["instruction"]) not in others_exact, f"{row['id']} is {what}"
+        close = [t for t in others if _jaccard(row["instruction"], t) >= NEAR_DUPLICATE_JACCARD]
+        assert not close, f"{row['id']} {row['instruction']!r} is close to {close} ({what})"
+
+
 def test_reference_set_is_disjoint_from_every_evaluation_set(reference, alpaca_eval, mt_questions, local_qa):
     evaluation = ([row["instruction"] for row in alpaca_eval] + [t for q in mt_questions for t in q["turns"]]
                   + [row["question"] for row in local_qa])
-    evaluation_exact = {_normalized(t) for t in evaluation}
-    for row in reference:
-        assert _normalized(row["instruction"]) not in evaluation_exact, f"{row['id']} is an evaluation item"
-        close = [t for t in evaluation if _jaccard(row["instruction"], t) >= NEAR_DUPLICATE_JACCARD]
-        assert not close, f"{row['id']} {row['instruction']!r} is close to evaluation items {close}"
+    _assert_held_out(reference, evaluation, "an evaluation item")
 
 
 def test_readme_lists_every_data_file():
@@ -234,9 +239,5 @@ def test_nll_set_is_held_out_of_seeds_reference_and_evaluation_sets(seeds, refer
     others = ([row["instruction"] for row in seeds] + [row["instruction"] for row in reference]
               + [row["instruction"] for row in alpaca_eval] + [t for q in mt_questions for t in q["turns"]]
               + [row["question"] for row in local_qa])
-    others_exact = {_normalized(t) for t in others}
-    for item in items:
-        assert _normalized(item["instruction"]) not in others_exact, f"{item['id']} is a seed, reference or evaluation item"
-        close = [t for t in others if _jaccard(item["instruction"], t) >= NEAR_DUPLICATE_JACCARD]
-        assert not close, f"{item['id']} {item['instruction']!r} is close to {close}"
+    _assert_held_out(items, others, "a seed, reference or evaluation item")
         assert len(item["response"]) >= 200, f"{item['id']}: a held-out answer should be a full, careful answer"

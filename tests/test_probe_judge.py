@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from pipeline_helpers import ROOT
 
+import montessori.evaluation.mt_bench as mt_bench
 import montessori.probe_judge as probe_judge
 from montessori.errors import ConfigError, DataError
 from montessori.io import read_jsonl, write_jsonl_atomic
@@ -36,7 +37,7 @@ class RecordingJudge:
 @pytest.fixture()
 def judge(monkeypatch):
     recorder = RecordingJudge()
-    monkeypatch.setattr(probe_judge, "make_rating_judge", lambda settings, card: (recorder, 1))
+    monkeypatch.setattr(mt_bench, "make_rating_judge", lambda settings, card: (recorder, 1))
     return recorder
 
 

@@ -150,6 +150,26 @@ class _ApiRatingJudge:
         return results
 
 
+def rate_with_cache(tasks: list[dict], cache: str, settings: dict, judge_card: str | None, what: str) -> dict:
+    """key -> rating record ({"key", "judgment", "score", ...}) for each task ({"key", "template",
+    "user"}): ratings already in `cache` (JSONL keyed by "key") are read back, the others judged in
+    batches and appended as they come, so a rerun after a kill asks only what is missing."""
+    with ShardWriter(cache, id_key="key") as cached:
+        results = {record["key"]: record for record in cached.records}
+        todo = [task for task in tasks if task["key"] not in results]
+        log.info("%s: %d judgments, %d from the cache %s", what, len(tasks), len(tasks) - len(todo), cache)
+        if todo:
+            rating_judge, step = make_rating_judge(settings, judge_card)
+            for start in tqdm(range(0, len(todo), step), desc=what, unit="batch"):
+                batch = todo[start:start + step]
+                rated = rating_judge.rate([(task["template"]["system_prompt"], task["user"]) for task in batch])
+                for task, result in zip(batch, rated):
+                    record = {"key": task["key"], **result}
+                    cached.append(record)
+                    results[task["key"]] = record
+    return results
+
+
 def make_rating_judge(settings: dict, judge_card: str | None):
     """The MT-Bench judge of `evaluation.judge`, and how many judgements it is asked at once (an
     API judge one by one, so each paid answer is cached as it comes)."""
@@ -231,19 +251,7 @@ def judge_answers(settings: dict, answers: str, out: str, scores: str, cache: st
             tasks.append({"question": question, "model": record["model_id"], "template": template,
                           "user": user, "turn": turn, "key": key})
 
-    with ShardWriter(cache, id_key="key") as cached:
-        results = {record["key"]: record for record in cached.records}
-        todo = [t for t in tasks if t["key"] not in results]
-        log.info("mt_bench judge: %d judgments, %d from the cache %s", len(tasks), len(tasks) - len(todo), cache)
-        if todo:
-            rating_judge, step = make_rating_judge(settings, judge)
-            for start in tqdm(range(0, len(todo), step), desc="mt_bench judge", unit="batch"):
-                batch = todo[start:start + step]
-                rated = rating_judge.rate([(t["template"]["system_prompt"], t["user"]) for t in batch])
-                for task, result in zip(batch, rated):
-                    record = {"key": task["key"], **result}
-                    cached.append(record)
-                    results[task["key"]] = record
+    results = rate_with_cache(tasks, cache, settings, judge, "mt_bench judge")
 
     judgments = []
     for task in tasks:
