@@ -240,4 +240,5 @@ def test_nll_set_is_held_out_of_seeds_reference_and_evaluation_sets(seeds, refer
               + [row["instruction"] for row in alpaca_eval] + [t for q in mt_questions for t in q["turns"]]
               + [row["question"] for row in local_qa])
     _assert_held_out(items, others, "a seed, reference or evaluation item")
+    for item in items:
         assert len(item["response"]) >= 200, f"{item['id']}: a held-out answer should be a full, careful answer"
