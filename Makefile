@@ -46,7 +46,7 @@ pipeline: $(VENV)/.installed
 # Whole groups per worker, the long ones first (tests/conftest.py); the 25 slowest tests listed.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder --durations=25
 
 # Our SLURM site profile as `slurm` in Snakemake's user config folder (FORCE=1 replaces one).
 install-profile: $(VENV)/.installed

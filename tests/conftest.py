@@ -124,38 +124,52 @@ def slurm_unavailable_reason() -> str | None:
     return None
 
 
-# ---- pytest-xdist (`make test`: -n 2 --dist loadgroup --no-loadscope-reorder) ----------------
+# ---- pytest-xdist (`make test`: -n 2 --no-loadscope-reorder) ----------------------------------
 # A worker takes whole groups: a test module's tests stay together (its module fixtures run once),
-# every SLURM test in one group (one cluster per machine). The groups that take minutes go first,
-# so that the two workers finish together instead of one waiting on the last long group.
+# and the SLURM modules form one group (one cluster per machine). The groups that take minutes go
+# first, so that the two workers finish together instead of one waiting on the last long group.
+# The grouping is a scheduler of our own: xdist 3.8's `--dist loadgroup` renames node ids through
+# `item._nodeid`, which pytest 9 no longer reads (node ids come from `item._id`), so its
+# xdist_group markers group nothing.
 SLURM_GROUP = "slurm"
+SLURM_MODULES = frozenset({"test_slurm", "test_slurm_pipeline", "test_slurm_profiles"})
 LONG_GROUPS = (SLURM_GROUP, "test_pipeline", "test_resume", "test_rounds", "test_vllm",
                "test_training_distributed", "test_vllm_env")
 
 
-def xdist_group(item) -> str:
-    if item.get_closest_marker("slurm") is not None:
-        return SLURM_GROUP
-    return item.module.__name__
+def test_group(module: str) -> str:
+    return SLURM_GROUP if module in SLURM_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(Path(nodeid.split("::", 1)[0]).stem)
+
+    return ModuleGroups(config, log)
 
 
 def long_groups_first(items) -> None:
     rank = {group: index for index, group in enumerate(LONG_GROUPS)}
     position = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (rank.get(xdist_group(item), len(rank)), position[id(item)]))
+    items.sort(key=lambda item: (rank.get(test_group(item.module.__name__), len(rank)), position[id(item)]))
 
 
 def pytest_collection_modifyitems(config, items):
     reason = slurm_unavailable_reason()
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            if item.module.__name__ not in SLURM_MODULES:
+                raise pytest.UsageError(f"{item.nodeid} brings up SLURM: add its module to SLURM_MODULES in "
+                                        f"tests/conftest.py, so that one worker runs every SLURM test")
             item.add_marker(pytest.mark.slurm)
         if reason is not None and item.get_closest_marker("slurm") is not None:
             if os.environ.get("CI", "").lower() == "true":
                 item.add_marker(pytest.mark.slurm_required(reason))
             else:
                 item.add_marker(pytest.mark.skip(reason=f"real SLURM {reason}; CI=true makes it required"))
-        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
     long_groups_first(items)
 
 
