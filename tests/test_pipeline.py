@@ -319,7 +319,7 @@ def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run,
     assert (workdir / TINY_RESULTS / "models" / "student.json").read_text().count("student-copy") == 0
 
 
-def dry_run_with(workdir, tmp_path, override: dict):
+def dry_run_on_finished_run(workdir, tmp_path, override: dict):
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(override))
     dry = run_snakemake(workdir, "--dry-run", *TINY, str(path))
@@ -340,7 +340,7 @@ THROUGHPUT_CHANGES = {
 
 @pytest.mark.slow
 def test_changing_throughput_settings_plans_nothing(finished_tiny_run, tmp_path):
-    dry = dry_run_with(finished_tiny_run.workdir, tmp_path, THROUGHPUT_CHANGES)
+    dry = dry_run_on_finished_run(finished_tiny_run.workdir, tmp_path, THROUGHPUT_CHANGES)
     assert "Nothing to be done" in dry.stdout, {job.key: job.reason for job in planned_jobs(dry.stdout)}
 
 
@@ -360,7 +360,7 @@ def expected_after_pairs_change(config: dict) -> set:
 
 @pytest.mark.slow
 def test_changing_a_result_setting_plans_exactly_its_dependents(finished_tiny_run, tmp_path):
-    dry = dry_run_with(finished_tiny_run.workdir, tmp_path, {"pairs": {"min_margin": 0.5}})
+    dry = dry_run_on_finished_run(finished_tiny_run.workdir, tmp_path, {"pairs": {"min_margin": 0.5}})
     planned = {job.key: job.reason for job in planned_jobs(dry.stdout)}
     config = load_config(ROOT / "config.yaml", ROOT / "tests" / "configs" / "tiny.yaml")
     assert set(planned) == expected_after_pairs_change(config), planned
@@ -376,7 +376,7 @@ def test_the_warmup_checkpoint_is_removed_once_influence_is_merged(finished_tiny
     assert (round1 / "influence" / "influence.jsonl").exists()
 
 
-def dry_run_with(tmp_path, override: dict, *options: str):
+def dry_run_of_tiny_config(tmp_path, override: dict, *options: str):
     """A dry run of the tiny config with `override` merged over it: (the merged config, the output)."""
     workdir = make_workdir(tmp_path / "work")
     (workdir / "override.yaml").write_text(yaml.safe_dump(override))
@@ -388,7 +388,7 @@ def dry_run_with(tmp_path, override: dict, *options: str):
 def test_the_judge_signal_rates_the_probes_instead_of_scoring_influence(tmp_path):
     """pairs.signal judge plans the probe judge (and no warm-up or influence); the default signal
     plans no probe judge (test_dry_run_draws_the_whole_dag counts every rule)."""
-    config, output = dry_run_with(tmp_path, {"pairs": {"signal": "judge", "rule": "rank"}}, "--printshellcmds")
+    config, output = dry_run_of_tiny_config(tmp_path, {"pairs": {"signal": "judge", "rule": "rank"}}, "--printshellcmds")
     assert job_stats(output) == expected_job_counts(config)
     assert job_stats(output)["judge_probes"] == config["rounds"] and "influence" not in job_stats(output)
     pairs = [line for line in output.splitlines() if " preference_pairs " in line]
@@ -398,7 +398,7 @@ def test_the_judge_signal_rates_the_probes_instead_of_scoring_influence(tmp_path
 
 
 def test_the_loss_signal_reads_the_influence_table(tmp_path):
-    config, output = dry_run_with(tmp_path, {"pairs": {"signal": "loss", "rule": "rank"}}, "--printshellcmds")
+    config, output = dry_run_of_tiny_config(tmp_path, {"pairs": {"signal": "loss", "rule": "rank"}}, "--printshellcmds")
     assert job_stats(output) == expected_job_counts(config) and "judge_probes" not in job_stats(output)
     pairs = [line for line in output.splitlines() if " preference_pairs " in line]
     assert f"--scores {TINY_RESULTS}/round1/influence/influence.jsonl" in pairs[0]
@@ -418,7 +418,7 @@ def test_a_transfer_student_adds_exactly_its_training_and_evaluation_jobs(tmp_pa
     baseline = job_stats(run_snakemake(make_workdir(tmp_path / "base"), "--workflow-profile", "none",
                                        "--dry-run", *TINY).stdout)
     student = {"name": "smol", "model": "smollm2-135m-instruct", "lr": 3.0e-5}
-    config, output = dry_run_with(tmp_path, {"transfer_students": [student]}, "--printshellcmds")
+    config, output = dry_run_of_tiny_config(tmp_path, {"transfer_students": [student]}, "--printshellcmds")
     stats = job_stats(output)
     assert stats == expected_job_counts(config)
     added = {rule: stats[rule] - baseline.get(rule, 0) for rule in stats if stats[rule] != baseline.get(rule, 0)}
