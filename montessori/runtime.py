@@ -31,8 +31,7 @@ TRAINING_STAGES = ("warmup", "sft_student", "dpo_teacher")
 
 # Stages whose model generates through montessori.generation: the generator's batch and vLLM's
 # memory share come from the synthesis section.
-GENERATING_STAGES = ("synth_instructions", "synth_responses", "eval_alpaca_generate", "eval_alpaca_judge",
-                     "eval_mt_bench_generate", "eval_mt_bench_judge", "judge_probes")
+GENERATING_STAGES = ("synth_instructions", "synth_responses", "eval_generate", "eval_judge", "judge_probes")
 
 
 def _section(config: dict, dotted: str) -> dict:
@@ -73,11 +72,11 @@ def runtime_settings(config: dict) -> dict[str, dict]:
     stages["influence"] = {key: config["influence"][key] for key in influence_throughput_keys(config)}
     for stage in TRAINING_STAGES:
         stages[stage] = {"logging": {"report_to": config["logging"]["report_to"]}}
-    stages["eval_lm_eval"] = {
+    stages["eval_score"] = {
         "gpu_memory_utilization": synthesis["gpu_memory_utilization"],
         "lm_eval": {"batch_size": config["evaluation"]["lm_eval"]["batch_size"]},
+        "nll": {"batch_size": config["evaluation"]["nll"]["batch_size"]},
     }
-    stages["eval_nll"] = {"nll": {"batch_size": config["evaluation"]["nll"]["batch_size"]}}
     return stages
 
 

@@ -150,7 +150,7 @@ def closed_port() -> int:
 
 @pytest.fixture
 def student_outputs(tmp_path):
-    """Student outputs for the first evaluation instructions, as eval_alpaca_generate writes them."""
+    """Student outputs for the first evaluation instructions, as eval_generate writes them."""
     rows = json.loads((ROOT / "data" / "eval" / "alpaca_eval.json").read_text())[:2]
     path = tmp_path / "outputs.json"
     path.write_text(json.dumps([{"dataset": row["dataset"], "instruction": row["instruction"],
@@ -163,17 +163,22 @@ def judge_with_api(student_outputs, tmp_path, base_url: str, env: dict[str, str]
              "api_key_env": "MONTESSORI_TEST_JUDGE_KEY", "max_new_tokens": 8}
     settings = {"seed": 42, "chat_template": None, "judge": judge,
                 "alpaca_eval": {"source": "data/eval/alpaca_eval.json", "reference": "dataset"}}
-    return run_stage("eval_alpaca_judge", settings, "--outputs", str(student_outputs),
-                     "--reference", str(ROOT / "data" / "eval" / "alpaca_eval.json"),
-                     "--annotations", str(tmp_path / "annotations.json"), "--metrics", str(tmp_path / "metrics.json"),
-                     "--cache", str(tmp_path / "judge_cache.jsonl"), cwd=tmp_path, env=env)
+    # The AlpacaEval comparison comes first in the job, so its error stops it before MT-Bench.
+    return run_stage("eval_judge", settings, "--outputs", str(student_outputs),
+                     "--reference-paths", f"dataset={ROOT / 'data' / 'eval' / 'alpaca_eval.json'}",
+                     "--annotations-paths", str(tmp_path / "annotations.json"),
+                     "--metrics-paths", str(tmp_path / "metrics.json"),
+                     "--cache-paths", str(tmp_path / "judge_cache.jsonl"),
+                     "--answers", str(tmp_path / "answers.jsonl"), "--judgments", str(tmp_path / "judgment.jsonl"),
+                     "--scores", str(tmp_path / "scores.json"), "--mt-bench-cache", str(tmp_path / "mt_cache.jsonl"),
+                     cwd=tmp_path, env=env)
 
 
 def test_an_unreachable_judge_names_the_config_key(student_outputs, tmp_path):
     before = student_outputs.read_bytes()
     base_url = f"http://127.0.0.1:{closed_port()}/v1"
     result = judge_with_api(student_outputs, tmp_path, base_url, pipeline_env(MONTESSORI_TEST_JUDGE_KEY="sk-test"))
-    assert_stage_error(result, "eval_alpaca_judge", f"could not reach {base_url}/chat/completions",
+    assert_stage_error(result, "eval_judge", f"could not reach {base_url}/chat/completions",
                        "config key 'evaluation.judge'")
     assert student_outputs.read_bytes() == before
     assert not (tmp_path / "metrics.json").exists()
@@ -184,7 +189,7 @@ def test_a_missing_api_key_names_the_variable_and_key(student_outputs, tmp_path)
     env = pipeline_env()
     env.pop("MONTESSORI_TEST_JUDGE_KEY", None)
     result = judge_with_api(student_outputs, tmp_path, f"http://127.0.0.1:{closed_port()}/v1", env)
-    assert_stage_error(result, "eval_alpaca_judge", "config key 'evaluation.judge'",
+    assert_stage_error(result, "eval_judge", "config key 'evaluation.judge'",
                        "'MONTESSORI_TEST_JUDGE_KEY'", "is not set")
     assert not (tmp_path / "annotations.json").exists()
 

@@ -18,8 +18,8 @@ from montessori.errors import ConfigError
 from montessori.memory import rule_memory_mb
 
 GPU_RULES = {"synth_instructions", "synth_responses", "warmup", "influence", "dpo_teacher", "sft_student",
-             "eval_alpaca_generate", "eval_mt_bench_generate", "eval_lm_eval", "eval_nll"}
-JUDGE_RULES = {"eval_alpaca_judge", "eval_mt_bench_judge"}
+             "eval_generate", "eval_score"}
+JUDGE_RULES = {"eval_judge"}
 
 
 def slurm_env_free(**extra: str) -> dict[str, str]:
@@ -216,7 +216,7 @@ def test_an_api_judge_is_a_cpu_job(preset_dry_run):
         call = sbatch_arguments(job.resources)
         assert "-p standard" in call and "-A siteacct" in call, call
         assert "--gpus" not in call and "--gres" not in call and "gpu" not in call.replace("ntasks", ""), call
-    generate = next(job for job in jobs if job.rule == "eval_alpaca_generate")
+    generate = next(job for job in jobs if job.rule == "eval_generate")
     call = sbatch_arguments(generate.resources)
     assert "-p gpu" in call and "--gpus=a100:1" in call, call
 

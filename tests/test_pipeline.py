@@ -29,8 +29,8 @@ from montessori.config import load_config
 from montessori.memory import rule_memory_mb
 
 STUDENTS = ["base", "montessori-round1", "self_instruct-round1"]
-EVAL_RULES = ("eval_alpaca_generate", "eval_alpaca_judge", "eval_mt_bench_generate", "eval_mt_bench_judge",
-              "eval_lm_eval", "eval_nll")
+# one job per student and model: the student generating, the student scored, the judge judging
+EVAL_RULES = ("eval_generate", "eval_score", "eval_judge")
 
 
 def expected_job_counts(config: dict) -> dict[str, int]:
@@ -57,10 +57,7 @@ def expected_job_counts(config: dict) -> dict[str, int]:
         counts["judge_probes"] = rounds
     if transfer:
         counts |= {"prepare_transfer_model": transfer, "sft_transfer_student": transfer * len(methods)}
-    references = config["evaluation"]["alpaca_eval"]["reference"]
-    n_references = 1 if isinstance(references, str) else len(references)
-    # one judged AlpacaEval comparison per student and reference
-    return counts | {rule: students for rule in EVAL_RULES} | {"eval_alpaca_judge": students * n_references}
+    return counts | {rule: students for rule in EVAL_RULES}
 
 
 def test_dry_run_draws_the_whole_dag(tmp_path):
@@ -83,10 +80,7 @@ def test_dry_run_draws_the_whole_dag(tmp_path):
     assert influence_shards == [str(shard) for shard in range(config["influence"]["shards"])]
     assert sorted(job.wildcards["method"] for job in jobs if job.rule == "sft_student") == sorted(config["methods"])
     for rule in EVAL_RULES:
-        if rule != "eval_alpaca_judge":
-            assert sorted(job.wildcards["student"] for job in jobs if job.rule == rule) == STUDENTS, rule
-    judged = sorted((job.wildcards["student"], job.wildcards["reference"]) for job in jobs if job.rule == "eval_alpaca_judge")
-    assert judged == sorted(itertools.product(STUDENTS, ["dataset", "self_instruct"]))
+        assert sorted(job.wildcards["student"] for job in jobs if job.rule == rule) == STUDENTS, rule
     assert not (workdir / "results").exists(), "a dry run writes nothing"
 
 
@@ -152,7 +146,7 @@ def test_a_paper_reference_set_is_left_out_of_the_seed_pool_and_alpaca_eval(tmp_
     assert job_stats(dry.stdout) == expected_job_counts(load_config(ROOT / "config.yaml"))
     reference = f"results/{load_config(ROOT / 'config.yaml')['run']}/reference.jsonl"
     commands = [line for line in dry.stdout.splitlines() if "python -m montessori" in line]
-    generate = [line for line in commands if " eval_alpaca_generate " in line]
+    generate = [line for line in commands if " eval_generate " in line]
     assert len(generate) == len(STUDENTS) and all(f"--exclude {reference}" in line for line in generate)
     assert any(" seed_pool " in line and f"--reference {reference}" in line for line in commands)
 
@@ -269,12 +263,8 @@ def test_a_second_identical_run_has_nothing_to_do(finished_tiny_run):
 
 
 def eval_jobs(config: dict, students: list[str]) -> list[tuple[str, dict]]:
-    """The evaluation jobs of `students`: one per rule, and one AlpacaEval judgement per reference."""
-    references = config["evaluation"]["alpaca_eval"]["reference"]
-    labels = [r.split(":", 1)[-1] for r in ([references] if isinstance(references, str) else references)]
-    jobs = [(rule, {"student": student}) for rule in EVAL_RULES if rule != "eval_alpaca_judge" for student in students]
-    return jobs + [("eval_alpaca_judge", {"student": student, "reference": label})
-                   for student in students for label in labels]
+    """The evaluation jobs of `students`: one per rule."""
+    return [(rule, {"student": student}) for rule in EVAL_RULES for student in students]
 
 
 def expected_after_student_swap(config: dict) -> set:
@@ -422,13 +412,13 @@ def test_a_transfer_student_adds_exactly_its_training_and_evaluation_jobs(tmp_pa
     stats = job_stats(output)
     assert stats == expected_job_counts(config)
     added = {rule: stats[rule] - baseline.get(rule, 0) for rule in stats if stats[rule] != baseline.get(rule, 0)}
-    n_methods, n_references = len(config["methods"]), len(config["evaluation"]["alpaca_eval"]["reference"])
+    n_methods = len(config["methods"])
     assert added == {"prepare_transfer_model": 1, "sft_transfer_student": n_methods,
-                     **{rule: n_methods for rule in EVAL_RULES}, "eval_alpaca_judge": n_methods * n_references}
+                     **{rule: n_methods for rule in EVAL_RULES}}
     jobs = planned_jobs(output)
     trained = sorted(job.wildcards["method"] for job in jobs if job.rule == "sft_transfer_student")
     assert trained == sorted(config["methods"])
-    evaluated = {job.wildcards["student"] for job in jobs if job.rule == "eval_lm_eval"}
+    evaluated = {job.wildcards["student"] for job in jobs if job.rule == "eval_score"}
     assert evaluated == set(STUDENTS) | {f"transfer-smol-{method}" for method in config["methods"]}
     lines = output.splitlines()
     last = config["rounds"]
@@ -438,7 +428,6 @@ def test_a_transfer_student_adds_exactly_its_training_and_evaluation_jobs(tmp_pa
         assert f"--student {TINY_RESULTS}/models/transfer-smol.json" in sft[0]
         assert '"lr": 3e-05' in sft[0]                 # the student's own learning rate
     # the transfer student's comparison is itself trained on Self-Instruct's set, not the main student
-    versus = [line for line in lines if " eval_alpaca_judge " in line and "transfer-smol-montessori" in line
-              and "--reference-name self_instruct" in line]
+    versus = [line for line in lines if " eval_judge " in line and "transfer-smol-montessori/alpaca_eval/outputs" in line]
     assert len(versus) == 1
-    assert f"--reference {TINY_RESULTS}/eval/transfer-smol-self_instruct/alpaca_eval/outputs.json" in versus[0]
+    assert f"self_instruct={TINY_RESULTS}/eval/transfer-smol-self_instruct/alpaca_eval/outputs.json" in versus[0]

@@ -28,12 +28,14 @@ def test_each_stage_gets_the_throughput_settings_it_reads(config):
     synthesis = config["synthesis"]
     assert runtime["synth_instructions"] == {"batch_size": synthesis["batch_size"], "api_concurrency": synthesis["api_concurrency"],
                                              "gpu_memory_utilization": synthesis["gpu_memory_utilization"]}
-    assert runtime["eval_alpaca_generate"] == {"batch_size": synthesis["batch_size"],
-                                               "gpu_memory_utilization": synthesis["gpu_memory_utilization"]}
+    for stage in ("eval_generate", "eval_judge"):
+        assert runtime[stage] == {"batch_size": synthesis["batch_size"],
+                                  "gpu_memory_utilization": synthesis["gpu_memory_utilization"]}, stage
     assert runtime["influence"] == {"batch_size": config["influence"]["batch_size"],
                                     "gpus_per_shard": config["influence"]["gpus_per_shard"]}
-    assert runtime["eval_lm_eval"]["lm_eval"] == {"batch_size": config["evaluation"]["lm_eval"]["batch_size"]}
-    assert runtime["eval_nll"] == {"nll": {"batch_size": config["evaluation"]["nll"]["batch_size"]}}
+    assert runtime["eval_score"] == {"gpu_memory_utilization": synthesis["gpu_memory_utilization"],
+                                     "lm_eval": {"batch_size": config["evaluation"]["lm_eval"]["batch_size"]},
+                                     "nll": {"batch_size": config["evaluation"]["nll"]["batch_size"]}}
     for stage in ("warmup", "sft_student", "dpo_teacher"):
         assert runtime[stage] == {"logging": {"report_to": config["logging"]["report_to"]}}, stage
     assert "report" not in runtime and "analysis_figures" not in runtime
@@ -57,7 +59,7 @@ def test_a_per_batch_mean_makes_the_influence_batch_result_bearing(config):
 
 
 def test_the_cli_merges_runtime_into_settings():
-    _, settings, _ = parse_args(["eval_lm_eval", "--settings", '{"seed": 1, "lm_eval": {"limit": 2}}',
+    _, settings, _ = parse_args(["eval_score", "--settings", '{"seed": 1, "lm_eval": {"limit": 2}}',
                                  "--runtime", '{"gpu_memory_utilization": 0.5, "lm_eval": {"batch_size": 8}}'])
     assert settings == {"seed": 1, "gpu_memory_utilization": 0.5, "lm_eval": {"limit": 2, "batch_size": 8}}
     with pytest.raises(ValueError, match="'batch_size' is both"):

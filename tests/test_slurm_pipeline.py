@@ -38,8 +38,7 @@ RULE_KINDS = {
     "generation shard": {"synth_instructions", "synth_responses"},
     "influence shard": {"influence"},
     "training": {"warmup", "dpo_teacher", "sft_student"},
-    "evaluation": {"eval_alpaca_generate", "eval_alpaca_judge", "eval_mt_bench_generate", "eval_mt_bench_judge",
-                   "eval_lm_eval", "eval_nll"},
+    "evaluation": {"eval_generate", "eval_score", "eval_judge"},
 }
 # Jobs of seconds are `localrules` (rules/common.smk): Snakemake runs them itself, never queued.
 LOCAL_KINDS = {

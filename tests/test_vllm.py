@@ -158,13 +158,20 @@ def test_vllm_shard_killed_then_resumed_equals_the_uninterrupted_run(uninterrupt
 
 
 def test_lm_eval_vllm_backend_on_the_local_tasks(vllm_bin, teacher_card, tmp_path):
+    """The eval_score job in the vLLM environment: the NLL's transformers model, then lm-eval's
+    vllm backend in the same process."""
     out = tmp_path / "lm_eval.json"
-    settings = {"seed": 42, "backend": "vllm",
+    settings = {"seed": 42, "backend": "vllm", "chat_template": None,
+                "nll": {"source": "data/eval/nll.jsonl", "split": "train", "limit": 2, "max_length": 256,
+                        "batch_size": 2},
                 "lm_eval": {"include_path": "data/eval/lm_eval", "limit": 2, "batch_size": 2,
                             "tasks": [{"name": "montessori_local_qa", "num_fewshot": 0},
                                       {"name": "montessori_gsm8k_local", "num_fewshot": 1}]}}
-    log = tmp_path / "lm_eval.log"
-    finish(start_stage(vllm_bin, "eval_lm_eval", settings, log, student=teacher_card, out=out, name="base"), log)
+    log = tmp_path / "score.log"
+    finish(start_stage(vllm_bin, "eval_score", settings, log, student=teacher_card, seed_pool="data/seeds.jsonl",
+                       reference="data/reference.jsonl", nll_items=tmp_path / "nll.jsonl",
+                       nll_summary=tmp_path / "nll.json", lm_eval_out=out, name="base"), log)
+    assert json.loads((tmp_path / "nll.json").read_text())["n_items"] == 2
     result = json.loads(out.read_text())
     assert result["backend"] == "vllm"
     qa = result["tasks"]["montessori_local_qa"]

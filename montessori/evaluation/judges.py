@@ -19,6 +19,7 @@ rating under its next-token distribution over 1-10.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -108,14 +109,24 @@ def api_request_options(judge_settings: dict) -> dict:
             "retries": int(judge_settings.get("max_retries", 5))}
 
 
+@functools.lru_cache(maxsize=1)
+def judge_model(model_dir: str):
+    """A local judge's weights, loaded once per process: the AlpacaEval and MT-Bench judges of one
+    `eval_judge` job share them (both only read them, in eval mode). Each keeps its own tokenizer,
+    since the rating judge pads on the left."""
+    from ..models import load_causal_lm
+
+    return load_causal_lm(model_dir, "float32").eval()
+
+
 class LocalPreferenceJudge:
     """A causal LM's next-token probabilities on `m` / `M` after the pairwise prompt."""
 
     def __init__(self, model_dir: str, chat_template: str | None = None):
-        from ..models import load_causal_lm, load_tokenizer
+        from ..models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir, chat_template)
-        self.model = load_causal_lm(model_dir, "float32").eval()
+        self.model = judge_model(model_dir)
         self.label_ids = [self._single_token(label, model_dir) for label in (FIRST_LABEL, SECOND_LABEL)]
 
     def _single_token(self, label: str, model_dir: str) -> int:
@@ -285,11 +296,11 @@ class LocalRatingJudge:
     and LOCAL_RATING_PREFILL, read at the rating digits (one more forward pass for "1" -> "0")."""
 
     def __init__(self, model_dir: str, chat_template: str | None = None, batch_size: int = 8):
-        from ..models import load_causal_lm, load_tokenizer
+        from ..models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir, chat_template)
         self.tokenizer.padding_side = "left"
-        self.model = load_causal_lm(model_dir, "float32").eval()
+        self.model = judge_model(model_dir)
         self.batch_size = max(1, int(batch_size))
         self.digit_ids = [self._tail(str(d), model_dir, 1)[0] for d in range(1, 10)]
         ten = self._tail("10", model_dir, None)

@@ -95,7 +95,7 @@ def parse_results(results: dict, shots: dict[str, int]) -> dict:
 
 
 def run_lm_eval(settings: dict, student: str, out: str, name: str) -> None:
-    """Stage `eval_lm_eval`: the configured lm-eval tasks on the student.
+    """The configured lm-eval tasks on the student (stage `eval_score`, after the NLL).
 
     settings: {"seed", "backend" (auto | transformers | vllm), "gpu_memory_utilization",
                "lm_eval": {"include_path", "tasks": [{"name", "num_fewshot"}], "limit", "batch_size",

@@ -61,8 +61,9 @@ def _chat_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def generate_answers(settings: dict, student: str, out: str, name: str) -> None:
-    """Stage `eval_mt_bench_generate`: two-turn answers at FastChat's per-category temperatures.
+def generate_answers(settings: dict, student: str, out: str, name: str, generator=None) -> None:
+    """Two-turn answers at FastChat's per-category temperatures (stage `eval_generate`;
+    `generator`: the student's generator when the caller has one loaded).
 
     settings: {"seed", "backend", "chat_template", "batch_size",
                "mt_bench": {"questions", "limit", "max_new_tokens"}}
@@ -71,7 +72,7 @@ def generate_answers(settings: dict, student: str, out: str, name: str) -> None:
 
     questions = read_questions(_section(settings, "questions"), settings["mt_bench"].get("limit"))
     max_new_tokens = int(settings["mt_bench"].get("max_new_tokens", 1024))
-    generator = make_generator(settings, student)
+    generator = generator or make_generator(settings, student)
     answers: dict = {q["question_id"]: [] for q in questions}
     by_temperature = defaultdict(list)
     for question in questions:
@@ -210,7 +211,7 @@ def summarize_scores(judgments: list[dict], category_of: dict) -> dict:
 
 
 def judge_answers(settings: dict, answers: str, out: str, scores: str, cache: str, judge: str | None = None) -> None:
-    """Stage `eval_mt_bench_judge`: single-answer grading 1-10 of both turns of every answer.
+    """Single-answer grading 1-10 of both turns of every answer (stage `eval_judge`).
 
     `judge` is the judge's model card (judge type local). A local judge's score is its expected
     rating (judges.LocalRatingJudge), an API judge's the "[[rating]]" of its text. Judgements are

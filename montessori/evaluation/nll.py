@@ -90,7 +90,7 @@ def summarize(records: list[dict], seed: int) -> dict:
 
 def evaluate_nll(settings: dict, student: str, seed_pool: str, reference: str, out: str, summary: str,
                  name: str) -> None:
-    """Stage `eval_nll`: per-item NLL (`out`, JSONL {"id", "tokens", "nll"}) and a summary JSON
+    """Stage `eval_score`'s judge-free metric: per-item NLL (`out`, JSONL {"id", "tokens", "nll"}) and a summary JSON
     {"model", "source", "nll", "nll_low", "nll_high", "confidence", "n_items", "tokens", "in_source",
     "dropped_in_seed_pool", "dropped_in_reference", "evaluated", "items"} (`items`: the per-item
     file's name, beside the summary).
