@@ -36,6 +36,8 @@ STAGES = {
     "preference_pairs": "montessori.pairs:build_pairs",
     "dpo_teacher": "montessori.training:train_dpo",
     "sft_student": "montessori.training:train_sft",
+    "self_reward_candidates": "montessori.self_reward:generate_candidates",
+    "self_reward_judge": "montessori.self_reward:self_judge",
     "eval_alpaca_generate": "montessori.evaluation.alpaca_eval:generate_outputs",
     "eval_alpaca_judge": "montessori.evaluation.alpaca_eval:judge_outputs",
     "eval_mt_bench_generate": "montessori.evaluation.mt_bench:generate_answers",

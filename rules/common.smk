@@ -33,7 +33,8 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api)/train"
+# self_reward/train: only instructions (the student answers them itself, rules/self_reward.smk).
+SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api|self_reward)/train"
 
 
 wildcard_constraints:
@@ -227,9 +228,13 @@ def synthesis_settings(wildcards, stage: str) -> str:
 TRANSFER = {student["name"]: student for student in config["transfer_students"]}
 
 
+# Self-Reward trains by DPO on its own judged answers: no training set for a transfer student.
+TRANSFER_METHODS = [method for method in METHODS if method != "self_reward"]
+
+
 def evaluated_students() -> list[str]:
     return (["base"] + [f"{method}-round{k}" for k in ROUNDS for method in METHODS]
-            + [f"transfer-{name}-{method}" for name in TRANSFER for method in METHODS])
+            + [f"transfer-{name}-{method}" for name in TRANSFER for method in TRANSFER_METHODS])
 
 
 def transfer_student(name: str) -> tuple[str, str] | None:
