@@ -84,8 +84,8 @@ PAIRS_FROM_INFLUENCE = config["pairs"]["signal"] != "judge"
 def storage_cleanup() -> list[str]:
     """Sentinels of the cleanup jobs `all` asks for: the warm-up checkpoint directory is not a
     declared output (Snakemake would wipe it before a rerun, losing the checkpoints a resume needs),
-    so a job removes it once the round's influence is merged."""
-    if KEEP["warmup"] or not PAIRS_FROM_INFLUENCE:
+    so a job removes it once the round's influence is merged. Only the montessori method warms up."""
+    if KEEP["warmup"] or not PAIRS_FROM_INFLUENCE or "montessori" not in METHODS:
         return []
     return [f"{R}/round{k}/warmup.removed" for k in ROUNDS]
 
