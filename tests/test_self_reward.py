@@ -188,6 +188,16 @@ def test_bad_self_reward_settings_name_their_key(section, key):
         validate_config(base_config(self_reward=section))
 
 
+def test_self_reward_is_no_reference_for_transfer_students():
+    config = base_config(methods=["self_instruct", "self_reward"],
+                         transfer_students=[{"name": "other", "model": "smollm2-135m-instruct"}])
+    config["evaluation"] = {"alpaca_eval": {"reference": ["dataset", "method:self_reward"]}}
+    with pytest.raises(ConfigError, match="'evaluation.alpaca_eval.reference'.*self_reward"):
+        validate_config(config)
+    config["evaluation"] = {"alpaca_eval": {"reference": ["dataset", "method:self_instruct"]}}
+    validate_config(config)
+
+
 def test_the_default_self_reward_settings_are_the_papers():
     config = validate_config(base_config())
     assert config["self_reward"] == {"n": 4, "judge": "external",
