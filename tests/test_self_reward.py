@@ -210,12 +210,6 @@ def test_the_default_self_reward_settings_are_the_papers():
 
 # ---- the planned DAG -----------------------------------------------------------------------------
 
-def job_inputs(jobs, rule: str, **wildcards) -> str:
-    matches = [job for job in jobs if job.rule == rule and job.wildcards == wildcards]
-    assert len(matches) == 1, f"{len(matches)} planned {rule} jobs with {wildcards}"
-    return matches[0]
-
-
 def dry_run(tmp_path, extra: dict, *configfiles: str, printshellcmds: bool = False):
     workdir = make_workdir(tmp_path / "work")
     (workdir / "presets").symlink_to(ROOT / "presets")
@@ -273,7 +267,8 @@ def test_the_8b_preset_plans_self_reward_on_its_gpus(tmp_path):
     for rule in ("self_reward_candidates", "self_reward_judge", "self_reward_pairs", "dpo_self_reward_student"):
         assert stats[rule] == rounds
     dpo = [job for job in jobs if job.rule == "dpo_self_reward_student"]
-    assert {job.resources.get("gpu") for job in dpo} == {str(config["dpo"]["gpus"] or config["compute"]["training_gpus"])}
+    dpo_gpus = config["dpo"]["gpus"] or config["compute"]["training_gpus"]
+    assert {job.resources.get("gpu") for job in dpo} == {str(dpo_gpus)}
     candidates = [job for job in jobs if job.rule == "self_reward_candidates"]
     assert {job.resources.get("gpu") for job in candidates} == {str(config["compute"]["gpus"])}
     assert {f"self_reward-round{k}" for k in range(1, rounds + 1)} <= {
