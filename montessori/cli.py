@@ -36,6 +36,8 @@ STAGES = {
     "preference_pairs": "montessori.pairs:build_pairs",
     "dpo_teacher": "montessori.training:train_dpo",
     "sft_student": "montessori.training:train_sft",
+    "self_reward_candidates": "montessori.self_reward:generate_candidates",
+    "self_reward_judge": "montessori.self_reward:self_judge",
     "eval_generate": "montessori.evaluation.jobs:generate",
     "eval_score": "montessori.evaluation.jobs:score",
     "eval_judge": "montessori.evaluation.jobs:judge",

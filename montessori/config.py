@@ -84,6 +84,9 @@ def _check_consistency(config: dict, source: str) -> None:
     for reference in [references] if isinstance(references, str) else references:
         if reference.startswith("method:") and reference.split(":", 1)[1] not in config["methods"]:
             fail("evaluation.alpaca_eval.reference", f"'{reference}' names a method that is not in 'methods'")
+        if reference == "method:self_reward" and config["transfer_students"]:
+            fail("evaluation.alpaca_eval.reference", "'method:self_reward' cannot be a transfer student's reference: "
+                 "self_reward trains no student by SFT, so no transfer student learns from it (docs/methods.md)")
     names = [student["name"] for student in config["transfer_students"]]
     if len(set(names)) < len(names):
         fail("transfer_students", f"names must differ, got {names}")

@@ -33,7 +33,8 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api)/train"
+# self_reward/train: only instructions (the student answers them itself, rules/self_reward.smk).
+SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api|self_reward)/train"
 
 
 wildcard_constraints:
@@ -83,8 +84,8 @@ PAIRS_FROM_INFLUENCE = config["pairs"]["signal"] != "judge"
 def storage_cleanup() -> list[str]:
     """Sentinels of the cleanup jobs `all` asks for: the warm-up checkpoint directory is not a
     declared output (Snakemake would wipe it before a rerun, losing the checkpoints a resume needs),
-    so a job removes it once the round's influence is merged."""
-    if KEEP["warmup"] or not PAIRS_FROM_INFLUENCE:
+    so a job removes it once the round's influence is merged. Only the montessori method warms up."""
+    if KEEP["warmup"] or not PAIRS_FROM_INFLUENCE or "montessori" not in METHODS:
         return []
     return [f"{R}/round{k}/warmup.removed" for k in ROUNDS]
 
@@ -227,9 +228,13 @@ def synthesis_settings(wildcards, stage: str) -> str:
 TRANSFER = {student["name"]: student for student in config["transfer_students"]}
 
 
+# Self-Reward trains by DPO on its own judged answers: no training set for a transfer student.
+TRANSFER_METHODS = [method for method in METHODS if method != "self_reward"]
+
+
 def evaluated_students() -> list[str]:
     return (["base"] + [f"{method}-round{k}" for k in ROUNDS for method in METHODS]
-            + [f"transfer-{name}-{method}" for name in TRANSFER for method in METHODS])
+            + [f"transfer-{name}-{method}" for name in TRANSFER for method in TRANSFER_METHODS])
 
 
 def transfer_student(name: str) -> tuple[str, str] | None:

@@ -31,9 +31,11 @@ def analysis_figure_paths() -> list[str]:
 
 
 def synthesized_sets() -> list[str]:
-    """Every round's probes (montessori only) and each method's training set."""
+    """Every round's probes (montessori only) and each method's training set (self_reward: the
+    student's candidate answers, it has no SFT set)."""
     probes = [f"{R}/round{k}/probes/responses.jsonl" for k in ROUNDS] if TEACHER_LEARNS else []
-    return probes + [f"{R}/round{k}/{m}/train/responses.jsonl" for k in ROUNDS for m in METHODS]
+    return probes + [f"{R}/round{k}/self_reward/candidates.jsonl" if m == "self_reward"
+                     else f"{R}/round{k}/{m}/train/responses.jsonl" for k in ROUNDS for m in METHODS]
 
 
 rule analysis_figures:

@@ -36,19 +36,26 @@ EVAL_RULES = ("eval_generate", "eval_score", "eval_judge")
 def expected_job_counts(config: dict) -> dict[str, int]:
     rounds, methods = config["rounds"], config["methods"]
     sets = rounds * (1 + len(methods))            # the probes and one training set per method, each round
+    # self_reward: the teacher writes only instructions; the student answers and learns by DPO
+    self_reward = "self_reward" in methods
+    sft_methods = [method for method in methods if method != "self_reward"]
+    answered_sets = sets - rounds * self_reward
     synth_shards = config["synthesis"]["shards"]
     transfer = len(config["transfer_students"])
-    # the main student untrained and of each round, and each transfer student trained on each method's set
-    students = 1 + rounds * len(methods) + transfer * len(methods)
+    # the main student untrained and of each round, and each transfer student trained on each SFT method's set
+    students = 1 + rounds * len(methods) + transfer * len(sft_methods)
     counts = {
         "prepare_model": 2 + (config["evaluation"]["judge"]["type"] == "local"),
         "seed_pool": 1, "reference_set": 1,
         "synth_instructions": sets * synth_shards, "merge_instructions": sets,
-        "synth_responses": sets * synth_shards, "merge_responses": sets,
+        "synth_responses": answered_sets * synth_shards, "merge_responses": answered_sets,
         "split_probes": rounds, "warmup": rounds, "influence": rounds * config["influence"]["shards"],
         "merge_influence": rounds, "preference_pairs": rounds, "dpo_teacher": rounds,
-        "sft_student": rounds * len(methods), "analysis_figures": 1, "report": 1, "all": 1,
+        "sft_student": rounds * len(sft_methods), "analysis_figures": 1, "report": 1, "all": 1,
     }
+    if self_reward:
+        counts |= {rule: rounds for rule in ("self_reward_candidates", "self_reward_judge", "self_reward_pairs",
+                                             "dpo_self_reward_student")}
     if not config["storage"]["keep"]["warmup"]:
         counts["remove_warmup"] = rounds
     if config["pairs"]["signal"] == "judge":      # the probes are rated instead of scored by influence
@@ -56,7 +63,7 @@ def expected_job_counts(config: dict) -> dict[str, int]:
             counts.pop(rule, None)
         counts["judge_probes"] = rounds
     if transfer:
-        counts |= {"prepare_transfer_model": transfer, "sft_transfer_student": transfer * len(methods)}
+        counts |= {"prepare_transfer_model": transfer, "sft_transfer_student": transfer * len(sft_methods)}
     return counts | {rule: students for rule in EVAL_RULES}
 
 
@@ -85,7 +92,8 @@ def test_dry_run_draws_the_whole_dag(tmp_path):
 
 
 SMALL_JOBS = {"seed_pool", "reference_set", "merge_instructions", "merge_responses", "split_probes",
-              "merge_influence", "preference_pairs", "remove_warmup", "analysis_figures", "report"}
+              "merge_influence", "preference_pairs", "remove_warmup", "analysis_figures", "report",
+              "self_reward_pairs"}
 
 
 def test_small_jobs_are_local_rules(tmp_path):
