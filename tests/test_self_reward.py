@@ -272,7 +272,7 @@ def test_the_8b_preset_plans_self_reward_on_its_gpus(tmp_path):
     candidates = [job for job in jobs if job.rule == "self_reward_candidates"]
     assert {job.resources.get("gpu") for job in candidates} == {str(config["compute"]["gpus"])}
     assert {f"self_reward-round{k}" for k in range(1, rounds + 1)} <= {
-        job.wildcards.get("student") for job in jobs if job.rule == "eval_mt_bench_generate"}
+        job.wildcards.get("student") for job in jobs if job.rule == "eval_generate"}
 
 
 # ---- end to end ----------------------------------------------------------------------------------
