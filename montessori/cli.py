@@ -35,6 +35,8 @@ STAGES = {
     "judge_probes": "montessori.probe_judge:judge_probes",
     "preference_pairs": "montessori.pairs:build_pairs",
     "dpo_teacher": "montessori.training:train_dpo",
+    "bootstrap_set": "montessori.teacheropt:build_bootstrap_set",
+    "bootstrap_teacher": "montessori.teacheropt:train_bootstrap",
     "sft_student": "montessori.training:train_sft",
     "eval_alpaca_generate": "montessori.evaluation.alpaca_eval:generate_outputs",
     "eval_alpaca_judge": "montessori.evaluation.alpaca_eval:judge_outputs",
