@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -185,6 +186,39 @@ def test_bootstrap_examples_learn_the_completion_only_and_skip_prompts_that_fill
         verbatim_examples(tmp_path / "set.jsonl", tokenizer, max_length=3)
 
 
+def test_bootstrap_teacher_stage_fine_tunes_the_teacher_and_writes_the_dpo_card(tmp_path, tiny_model_dir):
+    """The SFT trainer of training.py on verbatim prompts: the card, the loss record and new weights."""
+    from safetensors.torch import load_file
+
+    from montessori.chat import chat_prompt
+    from montessori.models import load_tokenizer, write_model_card
+    from montessori.teacheropt import train_bootstrap
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    write_jsonl_atomic(tmp_path / "set.jsonl", [
+        {"id": f"c{i}", "group": f"g{i}", "prompt": chat_prompt(tokenizer, f"Write a new task like example {i}."),
+         "completion": f"Describe a river in {i + 2} words.", "score": -0.1} for i in range(4)])
+    examples = verbatim_examples(tmp_path / "set.jsonl", tokenizer, 512)
+    first_prompt = tokenizer(read_jsonl(tmp_path / "set.jsonl")[0]["prompt"], add_special_tokens=False)["input_ids"]
+    assert examples[0]["input_ids"][:len(first_prompt)] == first_prompt
+    assert examples[0]["labels"][:len(first_prompt)] == [IGNORE_INDEX] * len(first_prompt)
+    assert tokenizer.decode(examples[0]["labels"][len(first_prompt):]).startswith("Describe a river in 2 words.")
+
+    card = tmp_path / "teacher.json"
+    write_model_card(card, tiny_model_dir)
+    out_dir, done = tmp_path / "teacher", tmp_path / "teacher.done"
+    settings = {"lr": 1e-3, "epochs": 1, "batch_size": 2, "effective_batch": 2, "max_length": 512,
+                "schedule": {"warmup": 0.1, "stable": 0.5, "decay": 0.4, "min_lr_ratio": 0.001}, "seed": 7}
+    train_bootstrap(settings, teacher=str(card), data=str(tmp_path / "set.jsonl"), out_dir=str(out_dir),
+                    done=str(done), loss_json=str(tmp_path / "loss.json"), loss_png=str(tmp_path / "loss.png"))
+    record = json.loads(done.read_text())
+    assert record["path"] == str(out_dir) and record["stage"] == "bootstrap" and record["steps"] == 2
+    assert json.loads((tmp_path / "loss.json").read_text())["steps"] == 2
+    before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    after = load_file(str(out_dir / "model.safetensors"))
+    assert any(not before[name].equal(after[name]) for name in before)
+
+
 # --- config ---------------------------------------------------------------------------------
 
 def write_config(tmp_path, override: dict):
@@ -276,6 +310,31 @@ def test_bootstrap_replaces_dpo_by_an_sft_of_the_teacher_on_its_helpful_candidat
     # no DPO, so no DPO reward figure
     (figures,) = commands_of(output, "analysis_figures")
     assert "--dpo-rewards-png" not in figures and "--dpo-rewards-png" in commands_of(default, "analysis_figures")[0]
+
+
+def job_input(output: str, rule: str, wildcards: str) -> str:
+    """The `input:` line of the planned job of `rule` with exactly these wildcards."""
+    for block in re.split(r"\n(?:local)?rule ", output):
+        if block.startswith(f"{rule}:") and re.search(rf"\n\s+wildcards: {re.escape(wildcards)}\n", block):
+            return re.search(r"\n\s+input: (.*)", block).group(1)
+    raise AssertionError(f"no planned {rule} job with wildcards {wildcards}")
+
+
+@pytest.mark.parametrize("variant", ["dpo_responses", "bootstrap"])
+def test_round_two_starts_from_round_one_s_teacher(tmp_path, variant):
+    workdir = make_workdir(tmp_path / "work")
+    (workdir / "override.yaml").write_text(yaml.safe_dump({"teacher_optimization": variant}))
+    dry = run_snakemake(workdir, "--workflow-profile", "none", "-n", f"{TINY_RESULTS}/round2/montessori/student.done",
+                        *TINY, "tests/configs/two-rounds.yaml", "override.yaml")
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    trainer = "dpo_teacher" if variant == "dpo_responses" else "bootstrap_teacher"
+    assert f"{TINY_RESULTS}/round1/teacher.done" in job_input(dry.stdout, trainer, "k=2")
+    assert f"{TINY_RESULTS}/round1/teacher.done" in job_input(dry.stdout, "synth_responses", "k=2, set=probes, shard=0")
+    instructions_teacher = job_input(dry.stdout, "synth_instructions", "k=2, set=probes, shard=0")
+    if variant == "dpo_responses":
+        assert f"{TINY_RESULTS}/models/teacher.json" in instructions_teacher
+    else:
+        assert f"{TINY_RESULTS}/round1/teacher.done" in instructions_teacher
 
 
 # --- end to end ------------------------------------------------------------------------------
