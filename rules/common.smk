@@ -213,7 +213,8 @@ def synthesis_teacher_card(wildcards) -> str:
 
 def synthesis_target(set_name: str) -> int:
     """Kept instructions wanted. The split takes whole prompt groups, so each of its two sets may
-    overshoot by up to n - 1 records: the probes carry that slack."""
+    overshoot by up to n - 1 records: the probes carry that slack. With several responses per
+    probing instruction (dpo_responses) the groups are an instruction's responses instead."""
     per_instruction = responses_per_instruction(set_name)
     if per_instruction > 1:
         # Each instruction gives a whole group of per_instruction records: enough groups for each set.
