@@ -77,7 +77,8 @@ class FakeTeacher:
 
 def test_synthesized_responses_are_n_per_instruction_and_merge_in_order(tmp_path):
     instructions = tmp_path / "instructions.jsonl"
-    write_jsonl_atomic(instructions, [instruction_record(f"p-g{g}-c{c}", f"p-g{g}") for g in range(2) for c in range(2)])
+    write_jsonl_atomic(instructions,
+                       [instruction_record(f"p-g{g}-c{c}", f"p-g{g}") for g in range(2) for c in range(2)])
     settings = {"label": "r1-probes", "shards": 2, "seed": 1, "batch_size": 1, "responses_per_instruction": 3,
                 "response_sampling": {"temperature": 0.6, "max_new_tokens": 8}}
     teacher = FakeTeacher()
