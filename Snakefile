@@ -26,6 +26,7 @@ include: "rules/training.smk"
 include: "rules/evaluation.smk"
 include: "rules/methods.smk"
 include: "rules/self_reward.smk"
+include: "rules/teacheropt.smk"
 include: "rules/figures.smk"
 include: "rules/report.smk"
 

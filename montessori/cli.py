@@ -35,6 +35,8 @@ STAGES = {
     "judge_probes": "montessori.probe_judge:judge_probes",
     "preference_pairs": "montessori.pairs:build_pairs",
     "dpo_teacher": "montessori.training:train_dpo",
+    "bootstrap_set": "montessori.teacheropt:build_bootstrap_set",
+    "bootstrap_teacher": "montessori.teacheropt:train_bootstrap",
     "sft_student": "montessori.training:train_sft",
     "self_reward_candidates": "montessori.self_reward:generate_candidates",
     "self_reward_judge": "montessori.self_reward:self_judge",

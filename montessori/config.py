@@ -10,6 +10,7 @@ import yaml
 from .errors import ConfigError
 from .evaluation.judges import judge_type
 from .pairs import check_signal_rule
+from .teacheropt import check_teacher_optimization
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -93,6 +94,7 @@ def _check_consistency(config: dict, source: str) -> None:
     try:
         judge_type(config["evaluation"]["judge"])  # an api judge names its endpoint and model
         check_signal_rule(config["pairs"]["signal"], config["pairs"]["rule"])
+        check_teacher_optimization(config["teacher_optimization"], synthesis["n"])
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

@@ -361,6 +361,22 @@ def alpaca_selection_note(selection: dict) -> str:
     return note + "."
 
 
+# config teacher_optimization other than the paper's dpo_instructions (docs/methods.md): what the
+# montessori rows then measure.
+TEACHER_OPTIMIZATION_NOTES = {
+    "dpo_responses": "the teacher learned by DPO on pairs of its responses to one probing instruction; "
+                     "the montessori training set's instructions are the untrained teacher's, its responses "
+                     "the optimized teacher's",
+    "bootstrap": "the teacher was fine-tuned (SFT, no DPO) on its own helpful instructions, the chosen side of "
+                 "the preference pairs",
+}
+
+
+def teacher_optimization_note(value: str) -> str:
+    return (f"Teacher optimization: `{value}` (not the paper's DPO on instructions): in the `montessori-*` "
+            f"rows {TEACHER_OPTIMIZATION_NOTES[value]}.")
+
+
 def differences_section(differences: list[dict]) -> list[str]:
     """The markdown lines of the student-vs-student table."""
     lines = ["", "## Differences between students", "",
@@ -388,7 +404,8 @@ def build_report(settings: dict, out_md: str, out_csv: str, figures: str, alpaca
     analysis figures.
 
     settings: {"run": run name, "seed": the config seed (seeds every bootstrap), "judge": the
-               evaluation judge section (named in the report), "alpaca_eval": {"reference": one or a list}}
+               evaluation judge section (named in the report), "alpaca_eval": {"reference": one or a list},
+               "teacher_optimization": config teacher_optimization, absent for the paper's}
     """
     import matplotlib
 
@@ -451,6 +468,8 @@ def build_report(settings: dict, out_md: str, out_csv: str, figures: str, alpaca
                  f"dropped_in_*: items left out because their instruction is in the seed pool or the reference set. "
                  f"Error bars in the metrics figure: {CONFIDENCE:.0%} intervals (a bootstrap over items; lm-eval: "
                  f"±1.96 stderr; AlpacaEval: over the win rate's per-instruction preferences).")
+    if settings.get("teacher_optimization"):
+        lines += ["", teacher_optimization_note(settings["teacher_optimization"])]
     if alpaca_selection:
         lines += ["", alpaca_selection_note(read_json(alpaca_selection))]
     shown = table_columns(columns)

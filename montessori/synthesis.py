@@ -353,17 +353,59 @@ def merge_instructions(settings: dict, shard_paths: list[str], out: str, summary
              len(records), len(survivors), len(selected), stats["groups"], stats["rejected"])
 
 
+def response_ids(instruction_id: str, per_instruction: int) -> list[str]:
+    """The ids of an instruction's responses: the instruction's own id for one response (the main
+    run), `<id>-r<j>` for several (teacher_optimization dpo_responses, docs/methods.md)."""
+    if per_instruction == 1:
+        return [instruction_id]
+    return [f"{instruction_id}-r{j}" for j in range(per_instruction)]
+
+
+def _responses_per_instruction(settings: dict) -> int:
+    count = settings.get("responses_per_instruction", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ConfigError(f"config key 'synthesis.n' (responses per instruction) must be a positive integer, "
+                          f"got {count!r}")
+    return count
+
+
+def response_records(record: dict, prompt: str, raws: list[str]) -> list[dict]:
+    """An instruction's answered records. One response keeps the instruction record's fields
+    (the main run). Several become a group of their own: `group` is the instruction's id, and
+    `prompt`/`raw_output` are the response prompt and the raw response, the fields the preference
+    pairs read, so pairs form among responses to one instruction; the instruction's own `group`,
+    `prompt` and `raw_output` move to `instruction_*`."""
+    ids = response_ids(record["id"], len(raws))
+    answered = []
+    for response_id, raw in zip(ids, raws):
+        response = raw.strip()
+        if len(raws) == 1:
+            one = {**record, "response": response}
+        else:
+            one = {**record, "id": response_id, "instruction_id": record["id"], "group": record["id"],
+                   "prompt": prompt, "raw_output": raw, "response": response,
+                   "instruction_group": record.get("group"), "instruction_prompt": record.get("prompt"),
+                   "instruction_raw_output": record.get("raw_output")}
+        if response != raw:
+            one["response_raw"] = raw
+        answered.append(one)
+    return answered
+
+
 def synthesize_responses(settings: dict, instructions: str, teacher: str, out: str, shard: int = 0,
                          generator_factory: GeneratorFactory | None = None) -> None:
     """Stage `synth_responses`: the teacher answers its shard of the instructions through the chat template.
 
-    Settings: label, shards, seed, batch_size (16), response_sampling, and the generator's keys.
+    Settings: label, shards, seed, batch_size (16), response_sampling, responses_per_instruction
+    (1; several for teacher_optimization dpo_responses: one seed per instruction, each of its
+    responses sampled from a seed derived from it), and the generator's keys.
     """
     shard = int(shard)
     n_shards = int(settings.get("shards", 1))
     label = settings.get("label", "responses")
     base_seed = int(settings.get("seed", 0))
     batch_size = max(1, int(settings.get("batch_size", 16)))
+    per_instruction = _responses_per_instruction(settings)
     sampling = _required(settings, "response_sampling", "synthesis.response_sampling")
     records = shard_slice(read_jsonl(instructions), shard, n_shards)
     generator: Generator | None = None
@@ -371,37 +413,42 @@ def synthesize_responses(settings: dict, instructions: str, teacher: str, out: s
     with resumable_shard(out) as writer:
         if writer.done_ids:
             log.info("shard %d: resuming, %d of %d responses already in %s", shard, len(writer.done_ids),
-                     len(records), writer.path)
+                     len(records) * per_instruction, writer.path)
+
+        def answered(record: dict) -> bool:
+            return all(response_id in writer for response_id in response_ids(record["id"], per_instruction))
+
         batches = range(0, len(records), batch_size)
         for start in tqdm(batches, desc=f"{label} responses shard {shard}", unit="batch"):
             todo = records[start:start + batch_size]
-            if all(record["id"] in writer for record in todo):
+            if all(answered(record) for record in todo):
                 continue
             if generator is None:
                 generator = generator_factory() if generator_factory else make_generator(settings, teacher)
             prompts = [generator.chat_prompt(record["instruction"]) for record in todo]
             # One seed per instruction, so batch_size (throughput only) does not change the answers.
             seeds = [derive_seed(base_seed, label, "responses", record["id"]) for record in todo]
-            outputs = generator.generate(prompts, sampling, 1, seeds)
-            for record, (raw,) in zip(todo, outputs):
-                if record["id"] in writer:
-                    continue
-                response = raw.strip()
-                empty += not response
-                answered = {**record, "response": response}
-                if response != raw:
-                    answered["response_raw"] = raw
-                writer.append(answered)
-            log.info("%s responses shard %d: %d/%d done", label, shard, len(writer.done_ids), len(records))
+            outputs = generator.generate(prompts, sampling, per_instruction, seeds)
+            for record, prompt, raws in zip(todo, prompts, outputs):
+                for one in response_records(record, prompt, raws):
+                    if one["id"] in writer:
+                        continue
+                    empty += not one["response"]
+                    writer.append(one)
+            log.info("%s responses shard %d: %d/%d done", label, shard, len(writer.done_ids),
+                     len(records) * per_instruction)
     if empty:
         log.warning("%s responses shard %d: %d empty responses (the teacher ended at once)", label, shard, empty)
 
 
 def merge_responses(settings: dict, shard_paths: list[str], instructions: str, out: str) -> None:
-    """Stage `merge_responses`: every instruction answered exactly once, in the instructions' order."""
+    """Stage `merge_responses`: every instruction answered exactly once (or `responses_per_instruction`
+    times), in the instructions' order."""
     if isinstance(shard_paths, str):
         shard_paths = [shard_paths]
-    expected = [record["id"] for record in read_jsonl(instructions)]
+    per_instruction = _responses_per_instruction(settings)
+    expected = [response_id for record in read_jsonl(instructions)
+                for response_id in response_ids(record["id"], per_instruction)]
     by_id = {record["id"]: record for record in merge_shards(shard_paths, expected)}
     count = write_jsonl_atomic(out, (by_id[record_id] for record_id in expected))
     log.info("merged %d responses from %d shards into %s", count, len(shard_paths), out)

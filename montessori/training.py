@@ -380,14 +380,15 @@ def sft_examples(data: str | os.PathLike, tokenizer, max_length: int, section: s
 
 
 def build_sft_trainer(stage: str, section: str, settings: dict, model_dir: str, tokenizer, data: str,
-                      out_dir: Path, default_schedule):
-    """TRL SFTTrainer on `encode_pair` examples with our schedule; fp32 weights and AdamW state."""
+                      out_dir: Path, default_schedule, encode=sft_examples):
+    """TRL SFTTrainer on `encode(data, tokenizer, max_length, section)` examples (by default
+    `encode_pair` of instruction/response records) with our schedule; fp32 weights and AdamW state."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     seed = derive_seed(settings.get("seed", 0), stage)
     args = SFTConfig(**_trainer_args(settings, section, out_dir, seed), dataset_num_proc=None)
-    examples = sft_examples(data, tokenizer, args.max_length, section)
+    examples = encode(data, tokenizer, args.max_length, section)
     schedule = settings.get("schedule", default_schedule)
     log.info("%s: %d examples, batch %d x %d accumulation, lr %g, schedule %s", stage, len(examples),
              args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate, schedule)

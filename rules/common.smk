@@ -1,4 +1,5 @@
 import json
+import math
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -185,6 +186,23 @@ def student_card(method: str, k) -> str:
     return base_card("student") if int(k) == 1 else f"{R}/round{int(k) - 1}/{method}/student.done"
 
 
+# teacher_optimization (docs/methods.md; its rules are in rules/teacheropt.smk).
+TEACHER_OPTIMIZATION = config["teacher_optimization"]
+
+
+def responses_per_instruction(set_name: str) -> int:
+    """dpo_responses: synthesis.n responses to each probing instruction, to pair; one otherwise."""
+    return config["synthesis"]["n"] if TEACHER_OPTIMIZATION == "dpo_responses" and set_name == "probes" else 1
+
+
+def instruction_teacher_card(wildcards) -> str:
+    """dpo_responses optimizes only how the teacher answers: every instruction is the untrained
+    teacher's, so the montessori set differs from self_instruct's by its responses alone."""
+    if TEACHER_OPTIMIZATION == "dpo_responses":
+        return base_card("teacher")
+    return synthesis_teacher_card(wildcards)
+
+
 def synthesis_teacher_card(wildcards) -> str:
     if wildcards.set == "probes":
         return probe_teacher_card(wildcards.k)
@@ -196,7 +214,13 @@ def synthesis_teacher_card(wildcards) -> str:
 
 def synthesis_target(set_name: str) -> int:
     """Kept instructions wanted. The split takes whole prompt groups, so each of its two sets may
-    overshoot by up to n - 1 records: the probes carry that slack."""
+    overshoot by up to n - 1 records: the probes carry that slack. With several responses per
+    probing instruction (dpo_responses) the groups are an instruction's responses instead."""
+    per_instruction = responses_per_instruction(set_name)
+    if per_instruction > 1:
+        # Each instruction gives a whole group of per_instruction records: enough groups for each set.
+        return (math.ceil(config["probes"]["warmup_size"] / per_instruction)
+                + math.ceil(config["probes"]["probing_size"] / per_instruction))
     if set_name == "probes":
         slack = 2 * (config["synthesis"]["n"] - 1)
         return config["probes"]["warmup_size"] + config["probes"]["probing_size"] + slack
@@ -209,6 +233,15 @@ INSTRUCTION_KEYS = ("n", "prompt_examples", "generated_examples", "generated_poo
                     "max_prompts_factor", "instruction_sampling", "filters")
 
 
+def responses_setting(set_name: str, stage: str) -> dict:
+    """responses_per_instruction for the response stages, only where it is not 1: the main run's
+    settings (and so its jobs' params) stay as they were before the key existed."""
+    per_instruction = responses_per_instruction(set_name)
+    if stage == "synth_instructions" or per_instruction == 1:
+        return {}
+    return {"responses_per_instruction": per_instruction}
+
+
 def synthesis_settings(wildcards, stage: str) -> str:
     method = wildcards.set.split("/")[0]
     instructions = stage == "synth_instructions"
@@ -219,6 +252,7 @@ def synthesis_settings(wildcards, stage: str) -> str:
         seed=config["seed"],
         label=f"r{wildcards.k}-{wildcards.set.replace('/', '-')}",
         **({"target": synthesis_target(wildcards.set)} if instructions else {}),
+        **responses_setting(wildcards.set, stage),
         external_teacher=config["external_teacher"] if method == "self_instruct_api" else None,
     )
 

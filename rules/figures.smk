@@ -6,6 +6,8 @@
 ANALYSIS = f"{R}/analysis"
 TEACHER_LEARNS = "montessori" in METHODS
 INFLUENCE_SCORED = TEACHER_LEARNS and PAIRS_FROM_INFLUENCE
+# teacher_optimization bootstrap fine-tunes the teacher without DPO: no rewards to draw.
+DPO_REWARDS = TEACHER_LEARNS and TEACHER_OPTIMIZATION != "bootstrap"
 
 
 def analysis_figure_outputs() -> dict:
@@ -20,7 +22,7 @@ def analysis_figure_outputs() -> dict:
             "influence": figure("influence", "influence per round"),
             "helpful_share": figure("helpful_share", "helpful probes per round"),
         }
-    if TEACHER_LEARNS:
+    if DPO_REWARDS:
         outputs["dpo_rewards"] = figure("dpo_rewards", "teacher DPO rewards")
     return outputs
 
@@ -42,7 +44,7 @@ rule analysis_figures:
     input:
         sets=synthesized_sets(),
         influence=[f"{R}/round{k}/influence/influence.jsonl" for k in ROUNDS] if INFLUENCE_SCORED else [],
-        teacher_loss=[f"{R}/round{k}/teacher_loss.json" for k in ROUNDS] if TEACHER_LEARNS else [],
+        teacher_loss=[f"{R}/round{k}/teacher_loss.json" for k in ROUNDS] if DPO_REWARDS else [],
     output:
         numbers=f"{ANALYSIS}/numbers.json",
         **analysis_figure_outputs(),
@@ -65,5 +67,5 @@ rule analysis_figures:
         + (" --influence-paths {input.influence} --influence-png {output.influence}"
            " --helpful-share-png {output.helpful_share}" if INFLUENCE_SCORED else "")
         + (" --teacher-loss-paths {input.teacher_loss} --dpo-rewards-png {output.dpo_rewards}"
-           if TEACHER_LEARNS else "")
+           if DPO_REWARDS else "")
         + " > {log} 2>&1"

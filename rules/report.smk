@@ -52,6 +52,8 @@ rule report:
             seed=config["seed"],
             judge=config["evaluation"]["judge"],
             alpaca_eval=config["evaluation"]["alpaca_eval"],
+            # named only when it is not the paper's, so the main run's report job is unchanged
+            **({} if TEACHER_OPTIMIZATION == "dpo_instructions" else {"teacher_optimization": TEACHER_OPTIMIZATION}),
         ),
         influence=optional_paths("--influence-histogram-paths", "influence"),
         dpo_loss=optional_paths("--dpo-loss-paths", "dpo_loss"),

@@ -30,7 +30,7 @@ rule synth_instructions:
     """One shard of teacher-written instructions: n candidates per prompt, filtered, kept or not."""
     input:
         seed_pool=f"{R}/seed_pool.jsonl",
-        teacher=synthesis_teacher_card,
+        teacher=instruction_teacher_card,
     output:
         kept(f"{R}/round{{k}}/{{set}}/instructions.shard-{{shard}}.jsonl", "synthesis_shards"),
     params:
@@ -114,7 +114,7 @@ rule merge_responses:
     output:
         f"{R}/round{{k}}/{{set}}/responses.jsonl",
     params:
-        settings=settings(),
+        settings=lambda w: settings_json(**responses_setting(w.set, "merge_responses")),
     log:
         f"{LOGS}/round{{k}}/{{set}}/merge_responses.log",
     benchmark:
