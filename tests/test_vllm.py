@@ -168,7 +168,9 @@ def test_lm_eval_vllm_backend_on_the_local_tasks(vllm_bin, teacher_card, tmp_pat
                             "tasks": [{"name": "montessori_local_qa", "num_fewshot": 0},
                                       {"name": "montessori_gsm8k_local", "num_fewshot": 1}]}}
     log = tmp_path / "score.log"
-    finish(start_stage(vllm_bin, "eval_score", settings, log, student=teacher_card, seed_pool="data/seeds.jsonl",
+    seed_pool = tmp_path / "seed_pool.jsonl"      # the seed_pool stage's record: only `text` is read here
+    seed_pool.write_text(json.dumps({"id": "seed-0", "text": "Name a primary colour."}) + "\n")
+    finish(start_stage(vllm_bin, "eval_score", settings, log, student=teacher_card, seed_pool=seed_pool,
                        reference="data/reference.jsonl", nll_items=tmp_path / "nll.jsonl",
                        nll_summary=tmp_path / "nll.json", lm_eval_out=out, name="base"), log)
     assert json.loads((tmp_path / "nll.json").read_text())["n_items"] == 2
