@@ -25,6 +25,7 @@ include: "rules/influence.smk"
 include: "rules/training.smk"
 include: "rules/evaluation.smk"
 include: "rules/methods.smk"
+include: "rules/llm2llm.smk"
 include: "rules/figures.smk"
 include: "rules/report.smk"
 

@@ -32,7 +32,7 @@ TRAINING_STAGES = ("warmup", "sft_student", "dpo_teacher")
 # Stages whose model generates through montessori.generation: the generator's batch and vLLM's
 # memory share come from the synthesis section.
 GENERATING_STAGES = ("synth_instructions", "synth_responses", "eval_alpaca_generate", "eval_alpaca_judge",
-                     "eval_mt_bench_generate", "eval_mt_bench_judge", "judge_probes")
+                     "eval_mt_bench_generate", "eval_mt_bench_judge", "judge_probes", "llm2llm_augment")
 
 
 def _section(config: dict, dotted: str) -> dict:

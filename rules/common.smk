@@ -33,7 +33,8 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api)/train"
+# llm2llm/seeds, llm2llm/augment: only answered by the synthesis rules (rules/llm2llm.smk)
+SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api)/train|llm2llm/(seeds|augment)"
 
 
 wildcard_constraints:
@@ -180,8 +181,11 @@ def probe_teacher_card(k) -> str:
 
 
 def student_card(method: str, k) -> str:
-    """The student a round starts from: the untrained one, or the same method's previous student."""
-    return base_card("student") if int(k) == 1 else f"{R}/round{int(k) - 1}/{method}/student.done"
+    """The student a round starts from: the untrained one, or the same method's previous student.
+    LLM2LLM fine-tunes the untrained student afresh on each iteration's whole set (docs/methods.md)."""
+    if int(k) == 1 or method == "llm2llm":
+        return base_card("student")
+    return f"{R}/round{int(k) - 1}/{method}/student.done"
 
 
 def synthesis_teacher_card(wildcards) -> str:
