@@ -27,6 +27,7 @@ include: "rules/evaluation.smk"
 include: "rules/methods.smk"
 include: "rules/self_reward.smk"
 include: "rules/teacheropt.smk"
+include: "rules/llm2llm.smk"
 include: "rules/figures.smk"
 include: "rules/report.smk"
 

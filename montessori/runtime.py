@@ -32,7 +32,7 @@ TRAINING_STAGES = ("warmup", "sft_student", "dpo_teacher")
 # Stages whose model generates through montessori.generation: the generator's batch and vLLM's
 # memory share come from the synthesis section.
 GENERATING_STAGES = ("synth_instructions", "synth_responses", "eval_generate", "eval_judge", "judge_probes",
-                     "self_reward_candidates", "self_reward_judge")
+                     "self_reward_candidates", "self_reward_judge", "llm2llm_augment")
 
 
 def _section(config: dict, dotted: str) -> dict:

@@ -34,8 +34,9 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-# self_reward/train: only instructions (the student answers them itself, rules/self_reward.smk).
-SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api|self_reward)/train"
+# self_reward/train: only instructions (the student answers them itself, rules/self_reward.smk);
+# llm2llm/seeds, llm2llm/augment: only answered by the synthesis rules (rules/llm2llm.smk)
+SET_PATTERN = "probes|(montessori|self_instruct|self_instruct_api|self_reward)/train|llm2llm/(seeds|augment)"
 
 
 wildcard_constraints:
@@ -182,8 +183,11 @@ def probe_teacher_card(k) -> str:
 
 
 def student_card(method: str, k) -> str:
-    """The student a round starts from: the untrained one, or the same method's previous student."""
-    return base_card("student") if int(k) == 1 else f"{R}/round{int(k) - 1}/{method}/student.done"
+    """The student a round starts from: the untrained one, or the same method's previous student.
+    LLM2LLM fine-tunes the untrained student afresh on each iteration's whole set (docs/methods.md)."""
+    if int(k) == 1 or method == "llm2llm":
+        return base_card("student")
+    return f"{R}/round{int(k) - 1}/{method}/student.done"
 
 
 # teacher_optimization (docs/methods.md; its rules are in rules/teacheropt.smk).

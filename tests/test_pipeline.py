@@ -93,7 +93,7 @@ def test_dry_run_draws_the_whole_dag(tmp_path):
 
 SMALL_JOBS = {"seed_pool", "reference_set", "merge_instructions", "merge_responses", "split_probes",
               "merge_influence", "preference_pairs", "remove_warmup", "analysis_figures", "report",
-              "self_reward_pairs"}
+              "self_reward_pairs", "llm2llm_seeds", "llm2llm_training_set"}
 
 
 def test_small_jobs_are_local_rules(tmp_path):
