@@ -133,7 +133,7 @@ def slurm_unavailable_reason() -> str | None:
 # xdist_group markers group nothing.
 SLURM_GROUP = "slurm"
 SLURM_MODULES = frozenset({"test_slurm", "test_slurm_pipeline", "test_slurm_profiles"})
-LONG_GROUPS = (SLURM_GROUP, "test_pipeline", "test_resume", "test_rounds", "test_llm2llm", "test_vllm",
+LONG_GROUPS = (SLURM_GROUP, "test_pipeline", "test_methods_end_to_end", "test_resume", "test_rounds", "test_vllm",
                "test_training_distributed", "test_vllm_env")
 
 

@@ -4,12 +4,11 @@ one tiny run end to end."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 import yaml
-from pipeline_helpers import (LOCAL_CORES, ROOT, TINY, TINY_RESULTS, job_stats, make_workdir, planned_jobs,
+from pipeline_helpers import (ROOT, TINY_RESULTS, job_stats, make_workdir, planned_jobs,
                               read_jsonl, run_snakemake)
 
 import montessori.self_reward as self_reward
@@ -273,30 +272,3 @@ def test_the_8b_preset_plans_self_reward_on_its_gpus(tmp_path):
     assert {job.resources.get("gpu") for job in candidates} == {str(config["compute"]["gpus"])}
     assert {f"self_reward-round{k}" for k in range(1, rounds + 1)} <= {
         job.wildcards.get("student") for job in jobs if job.rule == "eval_generate"}
-
-
-# ---- end to end ----------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_self_reward_runs_end_to_end_and_gets_a_report_row(tmp_path):
-    """The tiny config with method self_reward alone and the self judge: the student answers, judges
-    and trains itself, is evaluated, and the report has its row."""
-    workdir = make_workdir(tmp_path / "work")
-    (workdir / "self-reward.yaml").write_text(yaml.safe_dump({
-        "methods": ["self_reward"], "self_reward": {"judge": "self", "n": 2, "sampling": {"max_new_tokens": 24}},
-        "evaluation": {"alpaca_eval": {"reference": "dataset"}}}))
-    run = run_snakemake(workdir, *LOCAL_CORES, *TINY, "self-reward.yaml", timeout=2400,
-                        log=workdir / "snakemake.log")
-    assert run.returncode == 0, run.stdout[-6000:]
-    results = workdir / RESULTS
-    card = json.loads((results / "round1/self_reward/student.done").read_text())
-    assert card["path"].endswith("round1/self_reward/student")
-    assert (workdir / card["path"] / "model.safetensors").exists()
-    candidates = read_jsonl(results / "round1/self_reward/candidates.jsonl")
-    assert len(candidates) == 2 * len(read_jsonl(results / "round1/self_reward/train/instructions.jsonl"))
-    assert read_jsonl(results / "round1/self_reward/pairs.jsonl")
-    assert not (results / "round1/self_reward/train/responses.jsonl").exists()
-    with open(results / "report.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["student"] for row in rows] == ["base", "self_reward-round1"]
-    assert any(value not in ("", None) for key, value in rows[1].items() if key.startswith("mt_bench."))

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from pipeline_helpers import (
-    END_TO_END_TIMEOUT,
-    LOCAL_CORES,
     ROOT,
     TINY,
     TINY_CONFIG,
@@ -336,37 +334,3 @@ def test_round_two_starts_from_round_one_s_teacher(tmp_path, variant):
         assert f"{TINY_RESULTS}/models/teacher.json" in instructions_teacher
     else:
         assert f"{TINY_RESULTS}/round1/teacher.done" in instructions_teacher
-
-
-# --- end to end ------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_dpo_responses_runs_end_to_end_on_the_tiny_config(tmp_path):
-    workdir = make_workdir(tmp_path / "work")
-    (workdir / "override.yaml").write_text(yaml.safe_dump({"teacher_optimization": "dpo_responses"}))
-    run = run_snakemake(workdir, *LOCAL_CORES, *TINY, "override.yaml", timeout=END_TO_END_TIMEOUT,
-                        log=workdir / "snakemake.log")
-    assert run.returncode == 0, run.stdout[-6000:]
-    results = workdir / TINY_RESULTS
-    config = load_config(ROOT / "config.yaml", TINY_CONFIG)
-    n = config["synthesis"]["n"]
-
-    probes = read_jsonl(results / "round1/probes/responses.jsonl")
-    by_instruction: dict[str, list[dict]] = {}
-    for record in probes:
-        by_instruction.setdefault(record["instruction_id"], []).append(record)
-    assert all(len(group) == n and {r["group"] for r in group} == {iid} for iid, group in by_instruction.items())
-    pairs = read_jsonl(results / "round1/pairs.jsonl")
-    probing = {r["id"]: r for r in read_jsonl(results / "round1/probes/probing.jsonl")}
-    assert pairs
-    for one in pairs:
-        chosen, rejected = probing[one["chosen_id"]], probing[one["rejected_id"]]
-        assert chosen["instruction_id"] == rejected["instruction_id"] == one["group"]
-        assert one["prompt"] == chosen["prompt"] and one["chosen"] == chosen["raw_output"]
-        assert one["rejected"] == rejected["raw_output"]
-
-    card = json.loads((results / "round1/teacher.done").read_text())
-    assert card.get("stage") == "dpo"
-    assert (results / "round1/montessori/student.done").exists()
-    report = (workdir / TINY_RESULTS / "report.md").read_text()
-    assert "| montessori-round1 |" in report and "Teacher optimization: `dpo_responses`" in report

@@ -54,11 +54,11 @@ def _comparisons(reference_paths: list[str], annotations_paths: list[str], metri
         raise ConfigError(f"eval_judge: {len(reference_paths)} references but {len(annotations_paths)} annotation, "
                           f"{len(metrics_paths)} metrics and {len(cache_paths)} cache files")
     comparisons = []
-    for named, annotations, metrics, cache in zip(reference_paths, annotations_paths, metrics_paths, cache_paths):
+    for named, annotation, metrics, cache in zip(reference_paths, annotations_paths, metrics_paths, cache_paths):
         name, sep, path = named.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"eval_judge: reference {named!r} is not name=path")
-        comparisons.append({"reference_name": name, "reference": path, "annotations": annotations,
+        comparisons.append({"reference_name": name, "reference": path, "annotations": annotation,
                             "metrics": metrics, "cache": cache})
     return comparisons
 
