@@ -35,7 +35,9 @@ EVAL_RULES = ("eval_generate", "eval_score", "eval_judge")
 
 def expected_job_counts(config: dict) -> dict[str, int]:
     rounds, methods = config["rounds"], config["methods"]
-    sets = rounds * (1 + len(methods))            # the probes and one training set per method, each round
+    # llm2llm: no instructions of the teacher's own; its sets are answered seeds and augmentations
+    llm2llm = "llm2llm" in methods
+    sets = rounds * (1 + len(methods) - llm2llm)  # the probes and one training set per method, each round
     # self_reward: the teacher writes only instructions; the student answers and learns by DPO
     self_reward = "self_reward" in methods
     sft_methods = [method for method in methods if method != "self_reward"]
@@ -53,6 +55,12 @@ def expected_job_counts(config: dict) -> dict[str, int]:
         "merge_influence": rounds, "preference_pairs": rounds, "dpo_teacher": rounds,
         "sft_student": rounds * len(sft_methods), "analysis_figures": 1, "report": 1, "all": 1,
     }
+    if llm2llm:                                   # D_0 answered (round 0), then per round: the hardest seeds
+        counts["synth_responses"] += (1 + rounds) * synth_shards   # augmented, answered, added, retrained
+        counts["merge_responses"] += 1 + rounds
+        counts["sft_student"] += 1                # round 0's student only finds the first hard seeds
+        counts |= {"llm2llm_seeds": 1, "llm2llm_training_set": 1 + rounds, "llm2llm_hard_examples": rounds,
+                   "llm2llm_augment": rounds}
     if self_reward:
         counts |= {rule: rounds for rule in ("self_reward_candidates", "self_reward_judge", "self_reward_pairs",
                                              "dpo_self_reward_student")}
@@ -112,7 +120,8 @@ def test_small_jobs_are_local_rules(tmp_path):
 
 
 @pytest.mark.parametrize("presets", [["llama3-8b"], ["tinyllama"], ["tinyllama", "transfer"],
-                                     ["llama3-8b", "seed-ablation-oasst"]], ids="+".join)
+                                     ["llama3-8b", "seed-ablation-oasst"], ["llama3-8b", "table1"],
+                                     ["tinyllama", "table1"]], ids="+".join)
 def test_each_preset_plans_the_whole_dag_with_its_gpus(tmp_path, presets):
     """The paper presets, as a cluster user starts them (models and seeds by hub name; a dry run
     loads nothing): their chat templates are literal settings, not wildcards. The ablation and
