@@ -66,9 +66,15 @@ def judge_probes(settings: dict, probing: str, out: str, cache: str, judge: str 
         scored.append({"id": task["record"]["id"], "group": task["record"]["group"],
                        "judge_score": None if score == MISSING_RATING else score,
                        "judgment": results[task["key"]]["judgment"]})
+    write_judge_scores(out, scored, "probe judge")
+
+
+def write_judge_scores(out: str, scored: list[dict], what: str) -> None:
+    """The scores file ({"id", "group", "judge_score" (None: no rating), "judgment"} per record) that
+    the pairs stage reads with pairs.signal judge; the unrated ones are counted in the log."""
     write_jsonl_atomic(out, scored)
     rated = [r["judge_score"] for r in scored if r["judge_score"] is not None]
     if len(rated) < len(scored):
-        log.warning("probe judge: %d of %d probes got no rating", len(scored) - len(rated), len(scored))
-    log.info("probe judge: %d probes rated, mean %s -> %s", len(rated),
+        log.warning("%s: %d of %d records got no rating", what, len(scored) - len(rated), len(scored))
+    log.info("%s: %d records rated, mean %s -> %s", what, len(rated),
              f"{sum(rated) / len(rated):.3f}" if rated else None, out)

@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from .errors import ConfigError, DataError, ModelError
 from .generation import Generator, make_generator
-from .io import ShardWriter, read_jsonl, resumable_shard, write_jsonl_atomic
+from .io import ShardWriter, read_jsonl, resumable_shard
 from .models import model_path
+from .probe_judge import write_judge_scores
 from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -240,9 +241,4 @@ def self_judge(settings: dict, candidates: str, student: str, out: str, cache: s
                     results[key] = entry
     scores = [{"id": record["id"], "group": record["group"], "judge_score": results[key]["judge_score"],
                "judgment": results[key]["judgment"]} for key, record in zip(keys, records)]
-    write_jsonl_atomic(out, scores)
-    rated = [s["judge_score"] for s in scores if s["judge_score"] is not None]
-    if len(rated) < len(scores):
-        log.warning("self judge: %d of %d candidates got no score", len(scores) - len(rated), len(scores))
-    log.info("self judge: %d candidates scored, mean %s -> %s", len(rated),
-             f"{sum(rated) / len(rated):.3f}" if rated else None, out)
+    write_judge_scores(out, scores, "self judge")

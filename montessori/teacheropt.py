@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .chat import IGNORE_INDEX
 from .errors import ConfigError, DataError
-from .io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from .io import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,35 +101,10 @@ def train_bootstrap(settings: dict, teacher: str, data: str, out_dir: str, done:
     """Stage `bootstrap_teacher`: SFT of the teacher on `bootstrap_set`'s records with the `dpo`
     section's optimizer settings (lr, epochs, batches, schedule, max_length), through the
     training module's SFT trainer, resume and card code."""
-    from .models import model_path
-    from .training import (
-        COMPLETE_FILE,
-        _announce,
-        _claim_out_dir_once,
-        _finish_out_dir,
-        _fingerprint,
-        _is_main_process,
-        _run,
-        _save_model,
-        _tokenizer_with_template,
-        build_sft_trainer,
-        write_loss_curve,
-    )
+    from .training import _announce, _is_main_process, _sft, write_loss_curve
 
     out_dir = Path(out_dir)
-    path = model_path(teacher)
-    tokenizer = _tokenizer_with_template(path, settings.get("chat_template"))
-    resume = _claim_out_dir_once(out_dir, _fingerprint("bootstrap", settings, path, data))
-    if resume == "complete":
-        log.info("bootstrap: %s already holds the trained teacher", out_dir)
-        record = read_json(out_dir / COMPLETE_FILE)
-    else:
-        trainer = build_sft_trainer("bootstrap", "dpo", settings, path, tokenizer, data, out_dir, "wsd",
-                                    encode=verbatim_examples)
-        record = _run(trainer, resume, "bootstrap", "dpo")
-        _save_model(trainer, out_dir)
-        if _is_main_process():
-            _finish_out_dir(out_dir, record)
+    record = _sft("bootstrap", "dpo", settings, teacher, data, out_dir, "wsd", encode=verbatim_examples)
     if _is_main_process():
         write_loss_curve(record, loss_json, loss_png, "teacher bootstrap SFT")
     _announce(done, out_dir, "bootstrap", record["steps"])

@@ -398,17 +398,35 @@ def build_sft_trainer(stage: str, section: str, settings: dict, model_dir: str, 
     )
 
 
-def _sft(stage: str, section: str, settings: dict, student: str, data: str, out_dir: Path,
-         default_schedule) -> tuple:
-    """Train (or resume, or find finished) one SFT run; returns (trainer or None, record)."""
-    path = model_path(student)
-    tokenizer = _tokenizer_with_template(path, settings.get("chat_template"))
-    resume = _claim_out_dir_once(out_dir, _fingerprint(stage, settings, path, data))
+def _train_once(stage: str, section: str, out_dir: Path, fingerprint: str, make_trainer, finish=None) -> dict:
+    """Train (or resume, or find finished) one run into `out_dir`, save its weights and mark it
+    complete; returns its record. `finish(trainer, record)`: what the stage saves beside the
+    weights (and adds to the record) before the run is marked complete."""
+    resume = _claim_out_dir_once(out_dir, fingerprint)
     if resume == "complete":
         log.info("%s: %s already holds the trained model", stage, out_dir)
-        return None, read_json(out_dir / COMPLETE_FILE)
-    trainer = build_sft_trainer(stage, section, settings, path, tokenizer, data, out_dir, default_schedule)
-    return trainer, _run(trainer, resume, stage, section)
+        return read_json(out_dir / COMPLETE_FILE)
+    trainer = make_trainer()
+    record = _run(trainer, resume, stage, section)
+    _save_model(trainer, out_dir)
+    if finish is not None:
+        finish(trainer, record)
+    if _is_main_process():
+        _finish_out_dir(out_dir, record)
+    return record
+
+
+def _sft(stage: str, section: str, settings: dict, student: str, data: str, out_dir: Path, default_schedule,
+         finish=None, encode=None) -> dict:
+    """One SFT run of `student` on `data` (_train_once); returns its record."""
+    path = model_path(student)
+
+    def make_trainer():
+        tokenizer = _tokenizer_with_template(path, settings.get("chat_template"))
+        return build_sft_trainer(stage, section, settings, path, tokenizer, data, out_dir, default_schedule,
+                                 encode=encode or sft_examples)
+
+    return _train_once(stage, section, out_dir, _fingerprint(stage, settings, path, data), make_trainer, finish)
 
 
 def _save_model(trainer, out_dir: Path) -> None:
@@ -438,16 +456,15 @@ def warmup(settings: dict, student: str, data: str, out_dir: str, done: str) -> 
     from .optim_state import save_adamw_state
 
     out_dir = Path(out_dir)
-    trainer, record = _sft("warmup", "warmup", settings, student, data, out_dir, "linear_warmup")
-    if trainer is not None:
-        _save_model(trainer, out_dir)
+
+    def save_optimizer_state(trainer, record: dict) -> None:
         lr_at_end = trainer.lr_scheduler.get_last_lr()[0]
         save_adamw_state(trainer.model_wrapped, trainer.optimizer, lr_at_end, out_dir)
         record["lr_at_end"] = lr_at_end
-        if _is_main_process():
-            _finish_out_dir(out_dir, record)
         log.info("warmup: %d steps, final loss %s, lr in force at the end %g", record["steps"],
                  record["history"][-1]["loss"] if record["history"] else None, lr_at_end)
+
+    record = _sft("warmup", "warmup", settings, student, data, out_dir, "linear_warmup", finish=save_optimizer_state)
     _announce(done, out_dir, "warmup", record["steps"])
 
 
@@ -455,11 +472,7 @@ def train_sft(settings: dict, student: str, data: str, out_dir: str, done: str, 
               loss_png: str) -> None:
     """Stage `sft_student`: settings = config `sft` + seed + chat_template."""
     out_dir = Path(out_dir)
-    trainer, record = _sft("sft", "sft", settings, student, data, out_dir, "wsd")
-    if trainer is not None:
-        _save_model(trainer, out_dir)
-        if _is_main_process():
-            _finish_out_dir(out_dir, record)
+    record = _sft("sft", "sft", settings, student, data, out_dir, "wsd")
     if _is_main_process():
         write_loss_curve(record, loss_json, loss_png, f"student SFT ({Path(data).name})")
     _announce(done, out_dir, "sft", record["steps"])
@@ -573,18 +586,14 @@ def train_dpo(settings: dict, teacher: str, pairs: str, out_dir: str, done: str,
     """Stage `dpo_teacher`: settings = config `dpo` + seed (+ chat_template, for a teacher without one)."""
     out_dir = Path(out_dir)
     path = model_path(teacher)
-    resume = _claim_out_dir_once(out_dir, _fingerprint("dpo", settings, path, pairs))
-    if resume == "complete":
-        log.info("dpo: %s already holds the trained teacher", out_dir)
-        record = read_json(out_dir / COMPLETE_FILE)
-    else:
+
+    def make_trainer():
         trainer, _ = build_dpo_trainer(settings, path, pairs, out_dir)
         log.info("dpo: %d pairs, beta %g, lr %g", len(trainer.train_dataset), trainer.args.beta,
                  trainer.args.learning_rate)
-        record = _run(trainer, resume, "dpo", "dpo")
-        _save_model(trainer, out_dir)
-        if _is_main_process():
-            _finish_out_dir(out_dir, record)
+        return trainer
+
+    record = _train_once("dpo", "dpo", out_dir, _fingerprint("dpo", settings, path, pairs), make_trainer)
     if _is_main_process():
         write_loss_curve(record, loss_json, loss_png, "teacher DPO")
     _announce(done, out_dir, "dpo", record["steps"])
