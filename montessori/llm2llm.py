@@ -27,12 +27,11 @@ from collections import Counter
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError
-from .filters import RougeLIndex, banned_word_pattern, surface_rejection
 from .generation import Generator, make_generator
 from .io import read_jsonl, resumable_shard, write_json_atomic, write_jsonl_atomic
 from .prompts import PromptStyle, extract_instruction, prompt_style
 from .seeding import derive_seed
-from .synthesis import DEFAULT_FILTERS, GeneratorFactory, read_seed_pool
+from .synthesis import FilterState, GeneratorFactory, read_seed_pool
 
 log = logging.getLogger(__name__)
 
@@ -140,30 +139,6 @@ def score_seed_examples(settings: dict, student: str, seeds: str, out: str, summ
 
 
 # ---- stage: the teacher's new instructions -------------------------------------------------------
-class _AugmentFilter:
-    """The synthesis filters (length, banned words, ROUGE-L near duplicates) against everything the
-    student already trains on and everything kept so far."""
-
-    def __init__(self, filters: dict, existing: list[str]):
-        filters = {**DEFAULT_FILTERS, **(filters or {})}
-        self.min_chars, self.max_chars = int(filters["min_chars"]), int(filters["max_chars"])
-        self.banned = banned_word_pattern(list(filters["banned_words"]))
-        self.index = RougeLIndex(float(filters["rouge_threshold"]))
-        for text in existing:
-            self.index.add(text)
-
-    def judge(self, instruction: str | None) -> str | None:
-        if instruction is None:
-            return "no_instruction"
-        reason = surface_rejection(instruction, self.min_chars, self.max_chars, self.banned)
-        if reason:
-            return reason
-        return "near_duplicate" if self.index.find_near_duplicate(instruction) is not None else None
-
-    def keep(self, instruction: str) -> None:
-        self.index.add(instruction)
-
-
 def _write_candidates(settings: dict, hard: list[dict], teacher: str, path: str, label: str, style: PromptStyle,
                       factory: GeneratorFactory | None) -> list[dict]:
     """n raw teacher outputs per hard seed, appended as they come (a rerun after a kill generates
@@ -200,15 +175,17 @@ def choose_augmentations(hard: list[dict], candidates: list[dict], training_inst
     by_seed: dict[str, list[dict]] = {}
     for candidate in candidates:
         by_seed.setdefault(candidate["from_seed"], []).append(candidate)
-    check = _AugmentFilter(filters, training_instructions)
+    check = FilterState(filters)   # the synthesis filters, against everything the student already trains on
+    for text in training_instructions:
+        check.index.add(text)
     judged, counts = [], Counter()
     for record in hard:
         kept_one = False
         for candidate in by_seed.get(record["id"], []):
             instruction, how = extract_instruction(candidate["raw_output"], candidate["prefill"], style)
-            reason = "not_needed" if kept_one else check.judge(instruction)
+            reason = "not_needed" if kept_one else check.judge(instruction, [])
             if reason is None:
-                check.keep(instruction)
+                check.index.add(instruction)
                 kept_one = True
             counts[reason or "kept"] += 1
             judged.append({**candidate, "instruction": instruction, "extraction": how, "kept": reason is None,
@@ -246,11 +223,12 @@ def augment(settings: dict, hard: str, teacher: str, training_set: str, candidat
 # ---- stage: D_k ----------------------------------------------------------------------------------
 def build_training_set(settings: dict, previous: str, out: str, added: str | None = None) -> None:
     """Stage `llm2llm_training_set`: D_k = D_{k-1} followed by this round's answered augmentations."""
-    records = read_jsonl(previous) + (read_jsonl(added) if added else [])
+    earlier = read_jsonl(previous)
+    records = earlier + (read_jsonl(added) if added else [])
     counts = Counter(record["id"] for record in records)
     repeated = [record_id for record_id, count in counts.items() if count > 1]
     if repeated:
         raise DataError(f"{previous} and {added} share record ids {repeated[:3]}: an augmentation was added twice")
     write_jsonl_atomic(out, records)
     log.info("llm2llm training set: %d records (%d added) -> %s", len(records),
-             len(records) - len(read_jsonl(previous)), out)
+             len(records) - len(earlier), out)

@@ -63,8 +63,8 @@ def read_seed_pool(path) -> list[dict]:
     return seeds
 
 
-class _ShardState:
-    """What a shard has kept so far, and the yield of each filter."""
+class FilterState:
+    """What has been kept so far (by a synthesis shard, or an LLM2LLM round), and the yield of each filter."""
 
     def __init__(self, filters: dict):
         filters = {**DEFAULT_FILTERS, **(filters or {})}
@@ -209,7 +209,7 @@ class _Teacher:
 
 
 def _candidate_record(plan: _InstructionPlan, group: _Group, candidate_id: str, prompt: str, raw: str, prefill: str,
-                      state: _ShardState) -> dict:
+                      state: FilterState) -> dict:
     instruction, how = extract_instruction(raw, prefill, plan.style)
     reason = state.judge(instruction, group.example_texts)
     return {
@@ -220,7 +220,7 @@ def _candidate_record(plan: _InstructionPlan, group: _Group, candidate_id: str, 
 
 
 def _record_batch(plan: _InstructionPlan, groups: list[_Group], existing: dict[str, dict], model: _Teacher,
-                  state: _ShardState, writer) -> int:
+                  state: FilterState, writer) -> int:
     """Records the batch's candidates in order, each judged against what was kept before it, until
     the quota is met (where a smaller batch would have stopped too). A group missing from the shard
     file (every group, except on a resume) is generated together with the rest of the batch.
@@ -242,7 +242,7 @@ def _record_batch(plan: _InstructionPlan, groups: list[_Group], existing: dict[s
     return len(groups)
 
 
-def _out_of_prompts(plan: _InstructionPlan, state: _ShardState, prompts_tried: int, path) -> DataError:
+def _out_of_prompts(plan: _InstructionPlan, state: FilterState, prompts_tried: int, path) -> DataError:
     return DataError(
         f"{plan.label} shard {plan.shard}: only {len(state.kept)} of {plan.quota} instructions kept after "
         f"{prompts_tried} prompts ({state.funnel()}); the teacher's outputs fail the filters: raise "
@@ -264,7 +264,7 @@ def synthesize_instructions(settings: dict, seed_pool: str, teacher: str, out: s
     seeds = read_seed_pool(seed_pool)
     if len(seeds) < plan.n_examples:
         raise DataError(f"{seed_pool}: {len(seeds)} seeds, fewer than synthesis.prompt_examples={plan.n_examples}")
-    state = _ShardState(settings.get("filters"))
+    state = FilterState(settings.get("filters"))
     model = _Teacher(settings, teacher, generator_factory)
     log.info("synth_instructions %s shard %d/%d: keeping %d instructions (target %d over all shards), "
              "at most %d prompts", plan.label, plan.shard, plan.n_shards, plan.quota, plan.target, plan.max_groups)
