@@ -168,6 +168,18 @@ def _no_pairs_message(rule: str, score_key: str, min_margin: float, groups: dict
             f"or probe more candidates per group (synthesis.n)")
 
 
+def _rule_counts(scores_path: Path, responses_path: Path, signal: Signal, rule: str, min_margin: float,
+                 configured: set[tuple[str, str]]) -> dict:
+    """What another rule would pair from the same scores (counted, not trained on): the rules side
+    by side on one run's probes. `shared`: its pairs that the configured rule also made."""
+    groups, _ = _join(scores_path, responses_path, signal.score_keys[rule], signal.may_be_missing)
+    found = [pairs_for_group(group, members, rule, min_margin, signal.higher_is_better)
+             for group, members in groups.items()]
+    pairs = [(pair["chosen_id"], pair["rejected_id"]) for group_pairs in found for pair in group_pairs]
+    return {"score": signal.score_keys[rule], "groups_with_pairs": sum(bool(group_pairs) for group_pairs in found),
+            "pairs": len(pairs), "shared": len(configured.intersection(pairs))}
+
+
 def build_pairs(settings: dict, scores: str, responses: str, out: str, summary: str) -> None:
     """Stage `preference_pairs`: settings = config `pairs` {signal, rule, min_margin}; `scores` is
     the merged influence table (signals influence and loss) or the probe judge's (signal judge)."""
@@ -192,6 +204,7 @@ def build_pairs(settings: dict, scores: str, responses: str, out: str, summary: 
         raise DataError(_no_pairs_message(rule, score_key, min_margin, groups, scores_path))
 
     values = [m["score"] for members in groups.values() for m in members]
+    chosen_rejected = {(pair["chosen_id"], pair["rejected_id"]) for pair in pairs}
     stats = {
         "signal": signal_name,
         "rule": rule,
@@ -205,6 +218,8 @@ def build_pairs(settings: dict, scores: str, responses: str, out: str, summary: 
         "groups": len(groups),
         "groups_with_pairs": groups_with_pairs,
         "pairs": len(pairs),
+        "other_rules": {other: _rule_counts(scores_path, responses_path, signal, other, min_margin, chosen_rejected)
+                        for other in signal.score_keys if other != rule},
     }
     write_jsonl_atomic(out, pairs)
     write_json_atomic(summary, stats)

@@ -69,6 +69,16 @@ def test_momentum_pairs_on_influence_against_the_momentum_step(tmp_path):
     assert (summary["groups_with_pairs"], summary["pairs"]) == (1, 2)
 
 
+def test_the_summary_counts_what_the_other_rules_would_pair_from_the_same_scores(tmp_path):
+    pairs, summary = run(tmp_path, {"rule": "momentum"})
+    assert ids(pairs) == [("g1-c0", "g1-c2"), ("g1-c0", "g1-c3")]
+    # sign: every candidate's influence is negative, so nothing; rank on influence: g1-c0 > g1-c3
+    # (one of momentum's pairs) and g2-c0 > g2-c1.
+    assert summary["other_rules"] == {
+        "sign": {"score": "influence", "groups_with_pairs": 0, "pairs": 0, "shared": 0},
+        "rank": {"score": "influence", "groups_with_pairs": 2, "pairs": 2, "shared": 1}}
+
+
 def test_rank_pairs_best_against_worst_above_the_margin(tmp_path):
     pairs, summary = run(tmp_path, {"rule": "rank", "min_margin": 0.05})
     # g1 spread 0.25 >= 0.05; g2 spread 0.01 < 0.05.
@@ -158,6 +168,7 @@ def test_loss_signal_prefers_the_sibling_the_student_already_fits_best(tmp_path)
     assert (pairs[0]["chosen_score"], pairs[0]["rejected_score"]) == (0.7, 1.9)
     assert summary["signal"] == "loss" and summary["score"] == "probe_loss"
     assert summary["higher_is_better"] is False
+    assert summary["other_rules"] == {}     # rank is the only rule of a loss or judge score
 
 
 def test_judge_signal_prefers_the_higher_rating_and_skips_unrated_probes(tmp_path):
