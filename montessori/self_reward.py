@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from .errors import ConfigError, DataError, ModelError
 from .generation import Generator, make_generator
-from .io import ShardWriter, read_jsonl, resumable_shard
+from .evaluation.judges import score_with_cache
+from .io import read_jsonl, resumable_shard
 from .models import model_path
 from .probe_judge import write_judge_scores
 from .seeding import derive_seed
@@ -224,21 +225,14 @@ def self_judge(settings: dict, candidates: str, student: str, out: str, cache: s
     identity = f"{model_path(student)}:{SELF_JUDGE_VERSION}"
     keys = [hashlib.sha256(json.dumps([identity, judge_prompt(r["instruction"], r["response"])]).encode()).hexdigest()
             for r in records]
-    with ShardWriter(cache, id_key="key") as cached:
-        results = {record["key"]: record for record in cached.records}
-        todo = [(key, record) for key, record in zip(keys, records) if key not in results]
-        log.info("self judge: %d candidates, %d from the cache %s", len(records), len(records) - len(todo), cache)
-        if todo:
-            judge = (judge_factory or LocalAdditiveJudge)(model_path(student), settings.get("chat_template"),
-                                                          int(settings.get("batch_size", 8)))
-            step = judge.batch_size
-            for start in tqdm(range(0, len(todo), step), desc="self judge", unit="batch"):
-                batch = todo[start:start + step]
-                scored = judge.score([(record["instruction"], record["response"]) for _, record in batch])
-                for (key, _), result in zip(batch, scored):
-                    entry = {"key": key, **result}
-                    cached.append(entry)
-                    results[key] = entry
+
+    def open_judge():
+        judge = (judge_factory or LocalAdditiveJudge)(model_path(student), settings.get("chat_template"),
+                                                      int(settings.get("batch_size", 8)))
+        return judge.score, judge.batch_size
+
+    results = score_with_cache([(key, (record["instruction"], record["response"])) for key, record in zip(keys, records)],
+                               cache, open_judge, "self judge")
     scores = [{"id": record["id"], "group": record["group"], "judge_score": results[key]["judge_score"],
                "judgment": results[key]["judgment"]} for key, record in zip(keys, records)]
     write_judge_scores(out, scores, "self judge")

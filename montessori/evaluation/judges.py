@@ -25,7 +25,12 @@ import math
 import re
 import warnings
 
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
 from ..errors import ConfigError, ModelError
+from ..io import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -356,3 +361,25 @@ class LocalRatingJudge:
                     "score": score, "rating_probabilities": distribution,
                 })
         return results
+
+
+def score_with_cache(items: Sequence[tuple[str, object]], cache: str, open_judge: Callable[[], tuple[Callable, int]],
+                     what: str) -> dict[str, dict]:
+    """key -> record ({"key", **the judge's result}) for each (key, judge input) item. Records already
+    in `cache` (JSONL keyed by "key") are read back; the others are judged in batches and appended as
+    they come, so a rerun after a kill asks only what is missing. `open_judge()` -> (a function from a
+    batch of inputs to one result dict each, the batch size) is called only when something is missing,
+    so a complete cache never loads a judge."""
+    with ShardWriter(cache, id_key="key") as cached:
+        results = {record["key"]: record for record in cached.records}
+        todo = [(key, judge_input) for key, judge_input in items if key not in results]
+        log.info("%s: %d judgments, %d from the cache %s", what, len(items), len(items) - len(todo), cache)
+        if todo:
+            judge_batch, step = open_judge()
+            for start in tqdm(range(0, len(todo), step), desc=what, unit="batch"):
+                batch = todo[start:start + step]
+                for (key, _), result in zip(batch, judge_batch([judge_input for _, judge_input in batch])):
+                    record = {"key": key, **result}
+                    cached.append(record)
+                    results[key] = record
+    return results

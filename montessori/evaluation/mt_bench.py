@@ -18,15 +18,13 @@ import time
 from collections import defaultdict
 from statistics import mean
 
-from tqdm import tqdm
-
 from ..data import load_rows
 from ..errors import ConfigError, DataError
-from ..io import ShardWriter, write_json_atomic, write_jsonl_atomic
+from ..io import write_json_atomic, write_jsonl_atomic
 from ..models import model_path
 from ..seeding import derive_seed
 from .judges import (LOCAL_RATING_VERSION, MISSING_RATING, LocalRatingJudge, api_request_options,
-                     judge_loads_a_model, parse_rating)
+                     judge_loads_a_model, parse_rating, score_with_cache)
 
 log = logging.getLogger(__name__)
 
@@ -153,22 +151,13 @@ class _ApiRatingJudge:
 
 def rate_with_cache(tasks: list[dict], cache: str, settings: dict, judge_card: str | None, what: str) -> dict:
     """key -> rating record ({"key", "judgment", "score", ...}) for each task ({"key", "template",
-    "user"}): ratings already in `cache` (JSONL keyed by "key") are read back, the others judged in
-    batches and appended as they come, so a rerun after a kill asks only what is missing."""
-    with ShardWriter(cache, id_key="key") as cached:
-        results = {record["key"]: record for record in cached.records}
-        todo = [task for task in tasks if task["key"] not in results]
-        log.info("%s: %d judgments, %d from the cache %s", what, len(tasks), len(tasks) - len(todo), cache)
-        if todo:
-            rating_judge, step = make_rating_judge(settings, judge_card)
-            for start in tqdm(range(0, len(todo), step), desc=what, unit="batch"):
-                batch = todo[start:start + step]
-                rated = rating_judge.rate([(task["template"]["system_prompt"], task["user"]) for task in batch])
-                for task, result in zip(batch, rated):
-                    record = {"key": task["key"], **result}
-                    cached.append(record)
-                    results[task["key"]] = record
-    return results
+    "user"}), through the cache (`judges.score_with_cache`)."""
+    def open_judge():
+        judge, batch_size = make_rating_judge(settings, judge_card)
+        return judge.rate, batch_size
+
+    return score_with_cache([(task["key"], (task["template"]["system_prompt"], task["user"])) for task in tasks],
+                            cache, open_judge, what)
 
 
 def make_rating_judge(settings: dict, judge_card: str | None):
