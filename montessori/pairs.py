@@ -180,6 +180,15 @@ def _rule_counts(scores_path: Path, responses_path: Path, signal: Signal, rule: 
             "pairs": len(pairs), "shared": len(configured.intersection(pairs))}
 
 
+def _other_rules(scores_path: Path, responses_path: Path, signal: Signal, rule: str, min_margin: float,
+                 configured: set[tuple[str, str]]) -> dict:
+    """_rule_counts for every other rule of the signal whose score the records carry (response
+    pairs of teacher_optimization dpo_responses have no influence_vs_momentum)."""
+    present = set(read_jsonl(scores_path)[0])
+    return {other: _rule_counts(scores_path, responses_path, signal, other, min_margin, configured)
+            for other, key in signal.score_keys.items() if other != rule and key in present}
+
+
 def build_pairs(settings: dict, scores: str, responses: str, out: str, summary: str) -> None:
     """Stage `preference_pairs`: settings = config `pairs` {signal, rule, min_margin}; `scores` is
     the merged influence table (signals influence and loss) or the probe judge's (signal judge)."""
@@ -218,8 +227,7 @@ def build_pairs(settings: dict, scores: str, responses: str, out: str, summary: 
         "groups": len(groups),
         "groups_with_pairs": groups_with_pairs,
         "pairs": len(pairs),
-        "other_rules": {other: _rule_counts(scores_path, responses_path, signal, other, min_margin, chosen_rejected)
-                        for other in signal.score_keys if other != rule},
+        "other_rules": _other_rules(scores_path, responses_path, signal, rule, min_margin, chosen_rejected),
     }
     write_jsonl_atomic(out, pairs)
     write_json_atomic(summary, stats)
