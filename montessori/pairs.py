@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, DataError
-from .io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from .io import iter_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _other_rules(scores_path: Path, responses_path: Path, signal: Signal, rule: 
                  configured: set[tuple[str, str]]) -> dict:
     """_rule_counts for every other rule of the signal whose score the records carry (response
     pairs of teacher_optimization dpo_responses have no influence_vs_momentum)."""
-    present = set(read_jsonl(scores_path)[0])
+    present = set(next(iter_jsonl(scores_path), {}))    # the first record's keys: every record has the same
     return {other: _rule_counts(scores_path, responses_path, signal, other, min_margin, configured)
             for other, key in signal.score_keys.items() if other != rule and key in present}
 
