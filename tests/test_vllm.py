@@ -36,6 +36,7 @@ INSTRUCTIONS = [
     "Reply with only the word: yes",
 ]
 MAX_NEW_TOKENS = 48
+RETOKENIZATION_SLACK = 4
 SHARD_SETTINGS = {"label": "vllm-test", "seed": 3, "batch_size": 2, "backend": "vllm",
                   "response_sampling": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": MAX_NEW_TOKENS}}
 API_KEY_ENV = "MONTESSORI_TEST_VLLM_KEY"
@@ -123,7 +124,9 @@ def test_vllm_shard_answers_every_instruction_and_stops_at_end_of_turn(uninterru
     tokenizer = AutoTokenizer.from_pretrained(smol_dir)
     lengths = [len(tokenizer(r.get("response_raw", r["response"]), add_special_tokens=False)["input_ids"])
                for r in records]
-    assert max(lengths) <= MAX_NEW_TOKENS
+    # The decoded text, tokenized again, need not split as the generated ids did (seen: 50 tokens
+    # for a 48-token answer with blank lines in it); an ignored limit would be far past this slack.
+    assert max(lengths) <= MAX_NEW_TOKENS + RETOKENIZATION_SLACK, lengths
     # Stopped by the end-of-turn token, not by the limit; and no turn of a new role was written.
     assert sum(length < MAX_NEW_TOKENS - 8 for length in lengths) >= 2, lengths
     for record in records:
