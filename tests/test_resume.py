@@ -103,8 +103,8 @@ def unlock(workdir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory) -> Scenario:
-    workdir = make_workdir(tmp_path_factory.mktemp("resume"))
+def scenario(module_tmp) -> Scenario:
+    workdir = make_workdir(module_tmp / "work")
     started = time.monotonic()
     generation = kill_mid_shard(workdir, f"{PROBES}/instructions.shard-{{shard}}.jsonl", workdir / "run-1.log")
 

@@ -5,7 +5,9 @@ with `python -m montessori install-profile` into a temporary user config folder,
 `snakemake --profile slurm` literally.
 
 The config asks for one GPU per job (`compute.gpus`, `compute.training_gpus`), so GPU rules keep
-their GPU requests and are scheduled on the node's fake typed GPUs; nothing runs on a GPU.
+their GPU requests and are scheduled on the node's fake typed GPUs; nothing runs on a GPU. The
+models are the random one of tests/configs/random-model.yaml: what is checked here is the
+scheduling, not what a model says.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import pytest
 import yaml
 from pipeline_helpers import (
-    TINY,
+    TINY_RANDOM_MODEL,
     TINY_RESULTS,
     make_workdir,
     pipeline_env,
@@ -57,14 +59,14 @@ def tres_mem_mb(tres: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, tmp_path_factory):  # noqa: F811 (fixture)
+def slurm_run(slurm_cluster, module_tmp):  # noqa: F811 (fixture)
     cluster = slurm_cluster
-    workdir = make_workdir(tmp_path_factory.mktemp("slurm-run"))
+    workdir = make_workdir(module_tmp / "work")
     (workdir / "slurm-run.yaml").write_text(yaml.safe_dump(SLURM_RUN))
     # The site's variables and a clean GPU environment from the cluster, the venv first on PATH,
     # and a user config folder of its own, where install-profile puts our profile as `slurm`.
     env = cluster.env() | {key: pipeline_env()[key] for key in ("PATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
-    env["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("user-config"))
+    env["XDG_CONFIG_HOME"] = str(module_tmp / "user-config")
     install = subprocess.run([sys.executable, "-m", "montessori", "install-profile"], check=False, cwd=workdir,
                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     assert install.returncode == 0, install.stdout
@@ -72,7 +74,7 @@ def slurm_run(slurm_cluster, tmp_path_factory):  # noqa: F811 (fixture)
     # The node advertises 40 CPUs, but every job runs on this machine's 2 cores: one torch thread
     # per job keeps the jobs running side by side from spinning against each other.
     run = run_snakemake(workdir, "--profile", "slurm", *LOOPBACK_OVERRIDES, "--max-threads", "1",
-                        *TINY, "slurm-run.yaml",
+                        *TINY_RANDOM_MODEL, "slurm-run.yaml",
                         env=env, timeout=RUN_TIMEOUT, log=workdir / "snakemake.log")
     seconds = time.monotonic() - started
     print(f"tiny pipeline through SLURM: {seconds:.0f} s in {workdir}")
