@@ -10,8 +10,10 @@ prompt's seed is derived by its index in the call. Every backend samples a promp
 from that prompt's seed alone, so the outputs do not depend on how prompts are batched: the
 transformers backend draws each sequence's tokens from a torch.Generator of its own (the
 `_RowSampler` below, not the global RNG that `model.generate` would share across the batch);
-vLLM and the API take a seed per request. Same prompts, sampling, n and seeds on the same backend
-and hardware give the same outputs, whatever the batch size.
+vLLM and the API take a seed per request. On the transformers backend the same prompts, sampling,
+n and seeds give the same outputs on the same hardware, whatever the batch size. vLLM's kernels are
+not deterministic from one process to the next (its CPU build: token log-probabilities of the same
+seeded request up to 0.14 apart, tests/test_vllm.py), so a near-tied token can come out otherwise.
 
 Local backends stop a reply at EOS and at the token the chat template ends an assistant turn
 with (`chat.stop_token_ids`): a base model given a chat format has no other way to stop.

