@@ -263,8 +263,10 @@ def test_self_instruct_api_synthesis_against_vllm_serve(endpoint, shared_data, t
 
     A 135M model asked through the API (its own chat template, no `<task>` prefill) rarely tags
     its instruction, so the instruction shard may end with the stage's clear "too few kept"
-    error; either way every candidate is recorded. Responses are seeded per prompt: the same seed
-    gives the same answers from the server.
+    error; either way every candidate is recorded. Responses are asked twice with the same
+    per-prompt seeds (the request's `seed`, tests/test_generation.py); the answers are not compared:
+    the server batches concurrent requests as they come, and vLLM's CPU build is not deterministic
+    across batches and processes (a CI run got another answer to the same seeded request).
     """
     from montessori.errors import DataError
     from montessori.io import write_jsonl_atomic
@@ -303,9 +305,9 @@ def test_self_instruct_api_synthesis_against_vllm_serve(endpoint, shared_data, t
         synthesize_responses(settings, str(instructions), "unused-teacher-card.json", str(responses), 0)
         answers.append([json.loads(line) for line in responses.read_text().splitlines()])
         assert endpoint["key"] not in responses.read_text()
-    assert [r["id"] for r in answers[0]] == [f"i-{i}" for i in range(4)]
-    assert all(r["response"] for r in answers[0])
-    assert answers[0] == answers[1]
+    for attempt in answers:
+        assert [r["id"] for r in attempt] == [f"i-{i}" for i in range(4)]
+        assert all(r["response"] for r in attempt)
     assert endpoint["key"] not in candidates.read_text()
 
 
