@@ -28,13 +28,12 @@ def smol_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smol_dir) -> str:
-    """A 2-layer random Llama with the SmolLM2 tokenizer and chat template: fast, real shapes."""
-    from tiny_model import save_tiny_llama
+def tiny_model_dir() -> str:
+    """A 2-layer random Llama with the SmolLM2 tokenizer and chat template: fast, real shapes. The
+    random-model pipeline runs' model (tests/tiny_model.py): tests read it, never write into it."""
+    from tiny_model import pipeline_model_dir
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    save_tiny_llama(out, smol_dir)
-    return str(out)
+    return str(pipeline_model_dir())
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_model import pipeline_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +52,7 @@ LOCAL_CORES = ("--cores", "2", "--max-threads", "1")
 
 
 def make_workdir(path: Path) -> Path:
-    """A working directory that looks like a clone of the project to Snakemake (with the model of
-    tests/configs/random-model.yaml built, tests/tiny_model.py)."""
-    pipeline_model_dir()
+    """A working directory that looks like a clone of the project to Snakemake."""
     path.mkdir(parents=True, exist_ok=True)
     for item in WORKFLOW_ITEMS:
         (path / item).symlink_to(ROOT / item)

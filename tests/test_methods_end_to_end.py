@@ -31,7 +31,7 @@ OVERRIDE = {
 
 
 @pytest.fixture(scope="module")
-def methods_run(module_tmp) -> FinishedRun:
+def methods_run(module_tmp, tiny_model_dir) -> FinishedRun:
     workdir = make_workdir(module_tmp / "work")
     (workdir / "methods.yaml").write_text(yaml.safe_dump(OVERRIDE))
     run = run_snakemake(workdir, *LOCAL_CORES, *TINY_RANDOM_MODEL, "methods.yaml", timeout=END_TO_END_TIMEOUT,

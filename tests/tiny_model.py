@@ -1,9 +1,10 @@
 """A 2-layer random Llama (hidden size 32) with the embedded SmolLM2 tokenizer and chat template:
 real shapes, real tokens and the real chat format at a small fraction of the embedded model's cost.
 
-The unit tests train and generate with it (conftest.py's `tiny_model_dir`); the pipeline-level
-tests that check the workflow rather than what a model says run tests/configs/random-model.yaml on
-it (teacher, student and judge). The shared tiny run, the resume scenario and the second round stay
+The unit tests train and generate with it (conftest.py's `tiny_model_dir`, the same directory);
+the pipeline-level tests that check the workflow rather than what a model says run
+tests/configs/random-model.yaml on it (teacher, student and judge), and take that fixture so that
+it is built before their run. The shared tiny run, the resume scenario and the second round stay
 on the embedded model: one real end-to-end run per session, and kills that land mid-shard.
 """
 
