@@ -67,8 +67,8 @@ def student(tmp_path, tiny_model_dir) -> Path:
 
 
 # ---- the finished tiny pipeline run, shared by the pipeline-level tests -------------------------
-# One end-to-end run per session for every test that only reads it (test_pipeline.py, and the
-# uninterrupted reference of test_resume.py); a test that writes takes `tiny_run_copy`.
+# One end-to-end run per session for every test that only reads it (test_pipeline.py); a test that
+# writes takes `tiny_run_copy` (test_rounds.py adds round 2 to it).
 
 
 def shared_tmp_root(tmp_path_factory) -> Path:
@@ -79,9 +79,10 @@ def shared_tmp_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def finished_tiny_run(tmp_path_factory):
-    """Run once per session, whichever xdist worker needs it first; the others wait on the lock and
-    read the same run (a failed run is reported to each of them, not run again)."""
+def finished_tiny_run(tmp_path_factory, tiny_model_dir):
+    """Run once per session (pipeline_helpers.SHARED_RUN_CONFIG: the random model), whichever xdist
+    worker needs it first; the others wait on the lock and read the same run (a failed run is
+    reported to each of them, not run again)."""
     from filelock import FileLock
     from pipeline_helpers import FinishedRun, make_workdir, run_tiny_pipeline
 

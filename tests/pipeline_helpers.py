@@ -9,8 +9,8 @@ Rules call `python -m montessori`: every Snakemake started here gets this interp
 first on PATH, so jobs run in the environment the tests run in.
 
 The fixtures `finished_tiny_run` (the pipeline run end to end once per pytest session on
-tests/configs/tiny.yaml) and `tiny_run_copy` (a hard-linked copy of it, for a test that writes)
-live in conftest.py.
+SHARED_RUN_CONFIG) and `tiny_run_copy` (a hard-linked copy of it, for a test that writes) live in
+conftest.py.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ TINY_CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"
 TINY = ("--configfile", "config.yaml", "tests/configs/tiny.yaml")
 # The tiny config on the random model: for runs whose tests read the workflow, not the model.
 TINY_RANDOM_MODEL = (*TINY, "tests/configs/random-model.yaml")
+# The session's shared finished run (`finished_tiny_run`): every test that reads it, reruns it or
+# extends it passes these config files. The random model: its tests read which jobs ran and what
+# they wrote, not what a model said (the embedded model runs the kill-and-resume stages).
+SHARED_RUN_CONFIG = TINY_RANDOM_MODEL
 TINY_RUN_NAME = yaml.safe_load(TINY_CONFIG.read_text())["run"]
 TINY_RESULTS = f"results/{TINY_RUN_NAME}"
 # Keys of shard records that measure time, not content: they differ between identical runs.
@@ -210,9 +214,10 @@ class FinishedRun:
 
 
 def run_tiny_pipeline(workdir: Path) -> FinishedRun:
-    """The tiny config end to end with the workflow profile (as `snakemake` runs it) in `workdir`."""
+    """The shared run's config end to end with the workflow profile (as `snakemake` runs it) in `workdir`."""
     started = time.monotonic()
-    run = run_snakemake(workdir, *LOCAL_CORES, *TINY, timeout=END_TO_END_TIMEOUT, log=workdir / "snakemake.log")
+    run = run_snakemake(workdir, *LOCAL_CORES, *SHARED_RUN_CONFIG, timeout=END_TO_END_TIMEOUT,
+                        log=workdir / "snakemake.log")
     logger.warning("tiny pipeline end to end: %.0f s (%s)", time.monotonic() - started, workdir)
     assert run.returncode == 0, run.stdout[-6000:]
     return FinishedRun(workdir)

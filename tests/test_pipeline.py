@@ -8,12 +8,14 @@ import itertools
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
 from pipeline_helpers import (
     LOCAL_CORES,
     ROOT,
+    SHARED_RUN_CONFIG,
     TINY,
     TINY_CONFIG,
     TINY_RESULTS,
@@ -232,7 +234,7 @@ def test_the_html_report_is_self_contained_with_every_figure(tiny_run_copy):
     """`snakemake --report report.html` on a finished run: one file, nothing fetched from elsewhere,
     every figure and the results table in it with its caption, and the workflow description."""
     workdir = tiny_run_copy.workdir
-    run = run_snakemake(workdir, *TINY, "--report", "report.html", timeout=600)
+    run = run_snakemake(workdir, *SHARED_RUN_CONFIG, "--report", "report.html", timeout=600)
     assert run.returncode == 0, run.stdout[-4000:]
     html = (workdir / "report.html").read_text(encoding="utf-8")
     assert not re.search(r"""<(script|link|img)\b[^>]*\b(src|href)=["']?(https?:)?//""", html), \
@@ -273,7 +275,7 @@ def test_every_jsonl_output_parses(finished_tiny_run):
 def test_a_second_identical_run_has_nothing_to_do(finished_tiny_run):
     workdir = finished_tiny_run.workdir
     before = output_mtimes(workdir)
-    again = run_snakemake(workdir, *LOCAL_CORES, *TINY)
+    again = run_snakemake(workdir, *LOCAL_CORES, *SHARED_RUN_CONFIG)
     assert again.returncode == 0, again.stdout
     assert "Nothing to be done" in again.stdout
     assert output_mtimes(workdir) == before
@@ -303,18 +305,18 @@ def expected_after_student_swap(config: dict) -> set:
 
 
 @pytest.mark.slow
-def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run, tmp_path):
+def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run, tiny_model_dir, tmp_path):
     workdir = finished_tiny_run.workdir
     # The same weights under another name: a local directory is a different student to the config.
     student = tmp_path / "student-copy"
     student.mkdir()
-    for item in (ROOT / "resources" / "models" / "smollm2-135m-instruct").iterdir():
+    for item in Path(tiny_model_dir).iterdir():
         (student / item.name).symlink_to(item)
     swap = tmp_path / "swap.yaml"
     swap.write_text(yaml.safe_dump({"models": {"student": str(student)}}))
-    config = load_config(ROOT / "config.yaml", ROOT / "tests" / "configs" / "tiny.yaml", swap)
+    config = load_config(*(ROOT / path for path in SHARED_RUN_CONFIG[1:]), swap)
 
-    dry = run_snakemake(workdir, "--dry-run", *TINY, str(swap))
+    dry = run_snakemake(workdir, "--dry-run", *SHARED_RUN_CONFIG, str(swap))
     assert dry.returncode == 0, dry.stdout
     planned = {job.key: job for job in planned_jobs(dry.stdout)}
     expected = expected_after_student_swap(config)
@@ -329,7 +331,7 @@ def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run,
 def dry_run_on_finished_run(workdir, tmp_path, override: dict):
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(override))
-    dry = run_snakemake(workdir, "--dry-run", *TINY, str(path))
+    dry = run_snakemake(workdir, "--dry-run", *SHARED_RUN_CONFIG, str(path))
     assert dry.returncode == 0, dry.stdout[-4000:]
     return dry
 
@@ -369,7 +371,7 @@ def expected_after_pairs_change(config: dict) -> set:
 def test_changing_a_result_setting_plans_exactly_its_dependents(finished_tiny_run, tmp_path):
     dry = dry_run_on_finished_run(finished_tiny_run.workdir, tmp_path, {"pairs": {"min_margin": 0.5}})
     planned = {job.key: job.reason for job in planned_jobs(dry.stdout)}
-    config = load_config(ROOT / "config.yaml", ROOT / "tests" / "configs" / "tiny.yaml")
+    config = load_config(*(ROOT / path for path in SHARED_RUN_CONFIG[1:]))
     assert set(planned) == expected_after_pairs_change(config), planned
     assert "params have changed" in planned[("preference_pairs", (("k", "1"),))].lower()
 

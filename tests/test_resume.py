@@ -4,7 +4,9 @@ and rerun to the end. Finished jobs must not run again, an interrupted shard mus
 last written record, and the outputs must equal those of the uninterrupted session run.
 
 One scenario, one pipeline run up to the influence merge (the stages a kill can interrupt
-mid-shard), shared by the tests below; the uninterrupted run is `finished_tiny_run`.
+mid-shard), shared by the tests below, and one uninterrupted run to the same target. Both on the
+embedded model (tests/configs/tiny.yaml): its shards take seconds per record, so a kill lands
+mid-shard, where the random model of the other pipeline runs would finish a shard between two polls.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from pipeline_helpers import (
+    LOCAL_CORES,
     TINY,
     TINY_RESULTS,
-    FinishedRun,
     complete_lines,
     kill_hard,
     make_workdir,
@@ -103,6 +105,16 @@ def unlock(workdir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
+def uninterrupted(module_tmp) -> Path:
+    """The same target without a kill: the reference the resumed outputs must equal, bit for bit
+    (two jobs at a time here, one torch thread each as in the scenario)."""
+    workdir = make_workdir(module_tmp / "uninterrupted")
+    run = run_snakemake(workdir, *LOCAL_CORES, TARGET, *TINY, timeout=STAGE_TIMEOUT, log=workdir / "snakemake.log")
+    assert run.returncode == 0, run.stdout[-6000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
 def scenario(module_tmp) -> Scenario:
     workdir = make_workdir(module_tmp / "work")
     started = time.monotonic()
@@ -148,8 +160,7 @@ def test_a_locked_directory_after_a_kill_is_reported(scenario):
 
 
 @pytest.mark.slow
-def test_a_killed_generation_shard_resumes_and_matches_an_uninterrupted_run(
-        scenario, finished_tiny_run: FinishedRun):
+def test_a_killed_generation_shard_resumes_and_matches_an_uninterrupted_run(scenario, uninterrupted: Path):
     workdir, killed = scenario.workdir, scenario.generation
     assert_finished_jobs_not_rerun(workdir, killed)
     finished_shard = f"instructions.shard-{1 - killed.shard}.jsonl"
@@ -174,13 +185,11 @@ def test_a_killed_generation_shard_resumes_and_matches_an_uninterrupted_run(
     for name in (finished_shard, f"instructions.shard-{killed.shard}.jsonl", "instructions.jsonl",
                  "responses.jsonl", "warmup.jsonl", "probing.jsonl"):
         resumed = read_jsonl(workdir / PROBES / name)
-        uninterrupted = read_jsonl(finished_tiny_run.workdir / PROBES / name)
-        assert resumed == uninterrupted, f"{PROBES}/{name} differs from the uninterrupted run"
+        assert resumed == read_jsonl(uninterrupted / PROBES / name), f"{PROBES}/{name} differs from the uninterrupted run"
 
 
 @pytest.mark.slow
-def test_a_killed_influence_shard_resumes_and_matches_an_uninterrupted_run(
-        scenario, finished_tiny_run: FinishedRun):
+def test_a_killed_influence_shard_resumes_and_matches_an_uninterrupted_run(scenario, uninterrupted: Path):
     workdir, killed = scenario.workdir, scenario.influence
     assert_finished_jobs_not_rerun(workdir, killed)
     assert f"{INFLUENCE}/shard-{1 - killed.shard}.jsonl" in killed.finished_at_kill
@@ -194,9 +203,9 @@ def test_a_killed_influence_shard_resumes_and_matches_an_uninterrupted_run(
 
     for name in ("shard-0.jsonl", "shard-1.jsonl", "influence.jsonl"):
         resumed = without_timing(read_jsonl(workdir / INFLUENCE / name))
-        uninterrupted = without_timing(read_jsonl(finished_tiny_run.workdir / INFLUENCE / name))
-        assert [r["id"] for r in resumed] == [r["id"] for r in uninterrupted], name
-        assert resumed == uninterrupted, f"{INFLUENCE}/{name}: scores differ from the uninterrupted run"
+        reference = without_timing(read_jsonl(uninterrupted / INFLUENCE / name))
+        assert [r["id"] for r in resumed] == [r["id"] for r in reference], name
+        assert resumed == reference, f"{INFLUENCE}/{name}: scores differ from the uninterrupted run"
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline_helpers import (
     LOCAL_CORES,
+    SHARED_RUN_CONFIG,
     TINY,
     TINY_RESULTS,
     FinishedRun,
@@ -20,7 +21,7 @@ from pipeline_helpers import (
     run_snakemake,
 )
 
-TWO_ROUNDS = (*TINY, "tests/configs/two-rounds.yaml")
+TWO_ROUNDS = "tests/configs/two-rounds.yaml"
 RESULTS = TINY_RESULTS
 ROUND2_STUDENT = f"{RESULTS}/round2/montessori/student.done"
 
@@ -35,7 +36,7 @@ def job_inputs(dry_run_output: str, rule: str, wildcards: str) -> str:
 
 def test_round_two_is_wired_to_round_one_models(tmp_path):
     workdir = make_workdir(tmp_path / "work")
-    dry = run_snakemake(workdir, "-n", ROUND2_STUDENT, *TWO_ROUNDS)
+    dry = run_snakemake(workdir, "-n", ROUND2_STUDENT, *TINY, TWO_ROUNDS)
     assert dry.returncode == 0, dry.stdout[-4000:]
     out = dry.stdout
     assert f"{RESULTS}/round1/teacher.done" in job_inputs(out, "synth_instructions", "k=2, set=probes, shard=0")
@@ -50,7 +51,8 @@ def test_round_two_is_wired_to_round_one_models(tmp_path):
 def test_a_second_round_extends_a_finished_run(tiny_run_copy: FinishedRun):
     workdir = tiny_run_copy.workdir
     round1 = output_mtimes(workdir, f"{RESULTS}/round1")
-    run = run_snakemake(workdir, *LOCAL_CORES, ROUND2_STUDENT, *TWO_ROUNDS, timeout=2400,
+    # Over the shared run's own config files (the random model).
+    run = run_snakemake(workdir, *LOCAL_CORES, ROUND2_STUDENT, *SHARED_RUN_CONFIG, TWO_ROUNDS, timeout=2400,
                         log=workdir / "snakemake-round2.log")
     assert run.returncode == 0, run.stdout[-6000:]
     planned_rounds = {job.wildcards.get("k") for job in planned_jobs(run.stdout)}

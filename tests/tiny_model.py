@@ -4,8 +4,9 @@ real shapes, real tokens and the real chat format at a small fraction of the emb
 The unit tests train and generate with it (conftest.py's `tiny_model_dir`, the same directory);
 the pipeline-level tests that check the workflow rather than what a model says run
 tests/configs/random-model.yaml on it (teacher, student and judge), and take that fixture so that
-it is built before their run. The shared tiny run, the resume scenario and the second round stay
-on the embedded model: one real end-to-end run per session, and kills that land mid-shard.
+it is built before their run: the shared finished run and the second round that extends it, the
+methods run, the SLURM run. The kill-and-resume scenario and its uninterrupted reference stay on
+the embedded model: its shards take seconds per record, so a kill lands mid-shard.
 """
 
 from __future__ import annotations
