@@ -128,14 +128,16 @@ def slurm_unavailable_reason() -> str | None:
 # ---- pytest-xdist (`make test`: -n 2 --no-loadscope-reorder) ----------------------------------
 # A worker takes whole groups: a test module's tests stay together (its module fixtures run once),
 # and the SLURM modules form one group (one cluster per machine). The groups that take minutes go
-# first, so that the two workers finish together instead of one waiting on the last long group.
+# first, so that the two workers finish together instead of one waiting on the last long group;
+# the two that extend the shared finished run (methods, rounds) after the resume scenario, which
+# does not wait for it.
 # The grouping is a scheduler of our own: xdist 3.8's `--dist loadgroup` renames node ids through
 # `item._nodeid`, which pytest 9 no longer reads (node ids come from `item._id`), so its
 # xdist_group markers group nothing.
 SLURM_GROUP = "slurm"
 SLURM_MODULES = frozenset({"test_slurm", "test_slurm_pipeline", "test_slurm_profiles"})
-LONG_GROUPS = (SLURM_GROUP, "test_pipeline", "test_methods_end_to_end", "test_resume", "test_rounds", "test_vllm",
-               "test_training_distributed", "test_vllm_env")
+LONG_GROUPS = (SLURM_GROUP, "test_pipeline", "test_resume", "test_methods_end_to_end", "test_vllm", "test_rounds",
+               "test_vllm_env", "test_training_distributed")
 
 
 def test_group(module: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from montessori.errors import DataError
-from montessori.evaluation.lm_eval import parse_results, run_lm_eval
+from montessori.evaluation.lm_eval import local_task_files, make_task_manager, parse_results, run_lm_eval
 from montessori.models import write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +19,15 @@ def test_parse_results_keeps_metrics_and_filters():
     parsed = parse_results(results, {"task_a": 3})
     assert parsed == {"task_a": {"num_fewshot": 3, "n_samples": 4,
                                  "metrics": {"acc": 0.5, "acc_stderr": 0.1, "exact_match,strict-match": 0.25}}}
+
+
+def test_lm_eval_indexes_its_own_tasks_only_when_a_configured_task_is_not_local():
+    include_path = str(ROOT / "data" / "eval" / "lm_eval")
+    local = local_task_files(include_path)
+    only_local = make_task_manager(include_path, ["montessori_local_qa"], local)
+    assert set(only_local.all_tasks) == {"montessori_local_qa", "montessori_gsm8k_local"}
+    with_registry = make_task_manager(include_path, ["montessori_local_qa", "gsm8k"], local)
+    assert {"montessori_local_qa", "gsm8k", "hellaswag"} <= set(with_registry.all_tasks)
 
 
 def test_missing_local_data_is_named(tmp_path, tiny_model_dir, monkeypatch):

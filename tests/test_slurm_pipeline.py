@@ -7,11 +7,14 @@ with `python -m montessori install-profile` into a temporary user config folder,
 The config asks for one GPU per job (`compute.gpus`, `compute.training_gpus`), so GPU rules keep
 their GPU requests and are scheduled on the node's fake typed GPUs; nothing runs on a GPU. The
 models are the random one of tests/configs/random-model.yaml: what is checked here is the
-scheduling, not what a model says.
+scheduling, not what a model says. The teacher is optimized with `teacher_optimization:
+dpo_responses` (the session's shared run has the default, dpo_instructions): the switch runs end
+to end here, in the same number of jobs.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -20,20 +23,25 @@ import time
 import pytest
 import yaml
 from pipeline_helpers import (
+    ROOT,
     TINY_RANDOM_MODEL,
     TINY_RESULTS,
     make_workdir,
     pipeline_env,
     planned_jobs,
+    read_jsonl,
     run_snakemake,
 )
 from slurm_cluster import LOOPBACK_OVERRIDES, SUBMITTED, slurm_cluster  # noqa: F401 (fixture)
+
+from montessori.config import load_config
 
 # One GPU per job (`compute.gpus`, `compute.training_gpus`). Every rule kind once, in as few jobs
 # as cover them: one method (the Self-Instruct baseline adds only jobs of the same rules), one
 # shard per generation and influence step (a second shard is the same rule again; the shard
 # merges still run, over one shard).
 SLURM_RUN = {"compute": {"gpus": 1, "training_gpus": 1}, "methods": ["montessori"],
+             "teacher_optimization": "dpo_responses",
              "synthesis": {"shards": 1}, "influence": {"shards": 1},
              "evaluation": {"alpaca_eval": {"reference": "dataset"}}}   # no Self-Instruct student to judge against
 RULE_KINDS = {
@@ -127,3 +135,25 @@ def test_jobs_that_ask_for_a_gpu_get_the_gpu_partition_and_model(slurm_run):
     assert not misplaced, f"jobs in the wrong partition (or without the GPU model) for their GPU request: {misplaced}"
     training = [job for job in jobs.values() if job.rule in RULE_KINDS["training"]]
     assert training and all(job.resources.get("gpu") == "1" for job in training)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_dpo_responses_pairs_answers_to_one_instruction(slurm_run):
+    _, workdir, _ = slurm_run
+    results = workdir / TINY_RESULTS
+    assert "Teacher optimization: `dpo_responses`" in (results / "report.md").read_text()
+    n = load_config(*(ROOT / path for path in TINY_RANDOM_MODEL[1:]), workdir / "slurm-run.yaml")["synthesis"]["n"]
+    by_instruction: dict[str, list[dict]] = {}
+    for record in read_jsonl(results / "round1/probes/responses.jsonl"):
+        by_instruction.setdefault(record["instruction_id"], []).append(record)
+    assert all(len(group) == n and {r["group"] for r in group} == {iid} for iid, group in by_instruction.items())
+    pairs = read_jsonl(results / "round1/pairs.jsonl")
+    probing = {r["id"]: r for r in read_jsonl(results / "round1/probes/probing.jsonl")}
+    assert pairs
+    for one in pairs:
+        chosen, rejected = probing[one["chosen_id"]], probing[one["rejected_id"]]
+        assert chosen["instruction_id"] == rejected["instruction_id"] == one["group"]
+        assert one["prompt"] == chosen["prompt"] and one["chosen"] == chosen["raw_output"]
+        assert one["rejected"] == rejected["raw_output"]
+    assert json.loads((results / "round1/teacher.done").read_text()).get("stage") == "dpo"
