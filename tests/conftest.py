@@ -13,8 +13,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `make test` runs two pytest-xdist workers on two cores: a second OpenMP thread per worker would
-# spin against the other worker (generation about 100x slower, tests/pipeline_helpers.py).
+# `make test` runs three pytest-xdist workers on two cores: a second OpenMP thread per worker would
+# spin against the other workers (generation about 100x slower, tests/pipeline_helpers.py).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -125,12 +125,12 @@ def slurm_unavailable_reason() -> str | None:
     return None
 
 
-# ---- pytest-xdist (`make test`: -n 2 --no-loadscope-reorder) ----------------------------------
+# ---- pytest-xdist (`make test`: -n 3 --no-loadscope-reorder) ----------------------------------
 # A worker takes whole groups: a test module's tests stay together (its module fixtures run once),
 # and the SLURM modules form one group (one cluster per machine). The groups that take minutes go
-# first, so that the two workers finish together instead of one waiting on the last long group;
-# the two that extend the shared finished run (methods, rounds) after the resume scenario, which
-# does not wait for it.
+# first, so that the workers finish together instead of one waiting on the last long group; the
+# two that extend the shared finished run (methods, rounds) after the resume scenario, which does
+# not wait for it: the SLURM group, the shared run and the resume scenario start side by side.
 # The grouping is a scheduler of our own: xdist 3.8's `--dist loadgroup` renames node ids through
 # `item._nodeid`, which pytest 9 no longer reads (node ids come from `item._id`), so its
 # xdist_group markers group nothing.

@@ -45,10 +45,10 @@ def local_task_files(include_path: str) -> dict[str, Path]:
 
 
 def make_task_manager(include_path: str | None, tasks, local: dict[str, Path]):
-    """lm-eval's task index. Built, it reads every task YAML it may need: its own ~27,000 (about 3 s
-    of CPU per evaluation job, measured on 2 cores) unless every configured task is a local one
-    (`local`: local_task_files), in which case only `include_path` is indexed (a local YAML's
-    `include:` is read by path, not looked up in the index)."""
+    """lm-eval's task index. Built, it reads every task YAML it may need: its own (14,685 tasks in
+    lm-eval 0.4.13, about 4 s of CPU per evaluation job, measured idle on 2 cores) unless every
+    configured task is a local one (`local`: local_task_files), in which case only `include_path`
+    is indexed (a local YAML's `include:` is read by path, not looked up in the index)."""
     from lm_eval.tasks import TaskManager
 
     if not include_path:
