@@ -14,8 +14,8 @@ import math
 
 import pytest
 import yaml
-from pipeline_helpers import (END_TO_END_TIMEOUT, LOCAL_CORES, ROOT, SHARED_RUN_CONFIG, FinishedRun, copy_of_run,
-                              TINY_RESULTS, output_mtimes, read_jsonl, run_snakemake)
+from pipeline_helpers import (END_TO_END_TIMEOUT, LOCAL_CORES, ROOT, SHARED_RUN_CONFIG, TINY_RESULTS, FinishedRun,
+                              copy_of_run, output_mtimes, read_jsonl, run_snakemake)
 
 from montessori.config import load_config
 from montessori.llm2llm import default_seed_size
