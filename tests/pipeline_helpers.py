@@ -213,6 +213,14 @@ class FinishedRun:
         return self.workdir / TINY_RESULTS
 
 
+def merged_config(config_files: tuple[str, ...], *extra: Path) -> dict:
+    """The config a run given `config_files` (`--configfile` and paths under ROOT: TINY,
+    SHARED_RUN_CONFIG, ...) and then the files `extra` works with."""
+    from montessori.config import load_config
+
+    return load_config(*(ROOT / path for path in config_files[1:]), *extra)
+
+
 def run_tiny_pipeline(workdir: Path) -> FinishedRun:
     """The shared run's config end to end with the workflow profile (as `snakemake` runs it) in `workdir`."""
     started = time.monotonic()

@@ -14,10 +14,9 @@ import math
 
 import pytest
 import yaml
-from pipeline_helpers import (END_TO_END_TIMEOUT, LOCAL_CORES, ROOT, SHARED_RUN_CONFIG, TINY_RESULTS, FinishedRun,
-                              copy_of_run, output_mtimes, read_jsonl, run_snakemake)
+from pipeline_helpers import (END_TO_END_TIMEOUT, LOCAL_CORES, SHARED_RUN_CONFIG, TINY_RESULTS, FinishedRun,
+                              copy_of_run, merged_config, output_mtimes, read_jsonl, run_snakemake)
 
-from montessori.config import load_config
 from montessori.llm2llm import default_seed_size
 
 pytestmark = pytest.mark.slow
@@ -47,7 +46,7 @@ def methods_run(finished_tiny_run, module_tmp) -> FinishedRun:
 
 
 def config_of(run: FinishedRun) -> dict:
-    return load_config(*(ROOT / path for path in SHARED_RUN_CONFIG[1:]), run.workdir / "methods.yaml")
+    return merged_config(SHARED_RUN_CONFIG, run.workdir / "methods.yaml")
 
 
 def test_the_report_has_one_row_per_method(methods_run):

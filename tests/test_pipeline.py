@@ -21,6 +21,7 @@ from pipeline_helpers import (
     TINY_RESULTS,
     job_stats,
     make_workdir,
+    merged_config,
     output_mtimes,
     planned_jobs,
     read_jsonl,
@@ -314,7 +315,7 @@ def test_swapping_the_student_replans_only_what_depends_on_it(finished_tiny_run,
         (student / item.name).symlink_to(item)
     swap = tmp_path / "swap.yaml"
     swap.write_text(yaml.safe_dump({"models": {"student": str(student)}}))
-    config = load_config(*(ROOT / path for path in SHARED_RUN_CONFIG[1:]), swap)
+    config = merged_config(SHARED_RUN_CONFIG, swap)
 
     dry = run_snakemake(workdir, "--dry-run", *SHARED_RUN_CONFIG, str(swap))
     assert dry.returncode == 0, dry.stdout
@@ -371,7 +372,7 @@ def expected_after_pairs_change(config: dict) -> set:
 def test_changing_a_result_setting_plans_exactly_its_dependents(finished_tiny_run, tmp_path):
     dry = dry_run_on_finished_run(finished_tiny_run.workdir, tmp_path, {"pairs": {"min_margin": 0.5}})
     planned = {job.key: job.reason for job in planned_jobs(dry.stdout)}
-    config = load_config(*(ROOT / path for path in SHARED_RUN_CONFIG[1:]))
+    config = merged_config(SHARED_RUN_CONFIG)
     assert set(planned) == expected_after_pairs_change(config), planned
     assert "params have changed" in planned[("preference_pairs", (("k", "1"),))].lower()
 

@@ -23,18 +23,16 @@ import time
 import pytest
 import yaml
 from pipeline_helpers import (
-    ROOT,
     TINY_RANDOM_MODEL,
     TINY_RESULTS,
     make_workdir,
+    merged_config,
     pipeline_env,
     planned_jobs,
     read_jsonl,
     run_snakemake,
 )
 from slurm_cluster import LOOPBACK_OVERRIDES, SUBMITTED, slurm_cluster  # noqa: F401 (fixture)
-
-from montessori.config import load_config
 
 # One GPU per job (`compute.gpus`, `compute.training_gpus`). Every rule kind once, in as few jobs
 # as cover them: one method (the Self-Instruct baseline adds only jobs of the same rules), one
@@ -143,7 +141,7 @@ def test_dpo_responses_pairs_answers_to_one_instruction(slurm_run):
     _, workdir, _ = slurm_run
     results = workdir / TINY_RESULTS
     assert "Teacher optimization: `dpo_responses`" in (results / "report.md").read_text()
-    n = load_config(*(ROOT / path for path in TINY_RANDOM_MODEL[1:]), workdir / "slurm-run.yaml")["synthesis"]["n"]
+    n = merged_config(TINY_RANDOM_MODEL, workdir / "slurm-run.yaml")["synthesis"]["n"]
     by_instruction: dict[str, list[dict]] = {}
     for record in read_jsonl(results / "round1/probes/responses.jsonl"):
         by_instruction.setdefault(record["instruction_id"], []).append(record)
