@@ -41,9 +41,9 @@ pipeline: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/snakemake --cores $(CORES)
 
 # The tests marked `vllm` run stages in .venv-vllm (subprocesses); `-m "not vllm"` leaves them out.
-# Three pytest-xdist workers on two cores: the SLURM tests mostly wait on the queue's status
-# checks (about 5 minutes of one worker for a few dozen seconds of CPU), and a third worker keeps
-# both cores busy meanwhile (measured side by side: 634 s with 3, 689 s with 2; README).
+# Three pytest-xdist workers on two cores: the SLURM tests hold one worker for about 5 minutes,
+# most of it waiting on the queue's status checks while slurmd runs one job at a time, and a third
+# worker keeps both cores busy meanwhile (one run after the other: 634 s with 3, 689 s with 2; README).
 # Whole groups per worker, the long ones first (tests/conftest.py); the 25 slowest tests listed.
 TEST_WORKERS ?= 3
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
